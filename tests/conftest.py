@@ -1,0 +1,48 @@
+"""Shared fixtures: models built from Ultralytics yamls (no downloads) with live activations."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
+from yoloprune.io import load_model
+from yoloprune.prune import calibrate_bn
+
+
+@functools.lru_cache(maxsize=None)
+def _live(name: str) -> nn.Module:
+    model = load_model(name)
+    gen = torch.Generator().manual_seed(0)
+    calibrate_bn(model, [torch.rand(4, 3, 128, 128, generator=gen) for _ in range(2)])
+    return model.eval()
+
+
+def live_model(name: str) -> nn.Module:
+    """Return a fresh copy of ``name`` (a model yaml) whose BN statistics were recalibrated on random images.
+
+    Random-init BN statistics (mean 0, var 1) let activations shrink toward zero through
+    depth, which hides conversion mistakes; recalibrated statistics keep every layer alive.
+    """
+    return copy.deepcopy(_live(name))
+
+
+def tensors(obj) -> list[torch.Tensor]:
+    """Return every tensor in a nested output (dicts, lists, tuples), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors(v)]
+    return []
+
+
+@pytest.fixture
+def image_batch():
+    """A deterministic batch of two 128x128 images in [0, 1]."""
+    return torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,76 @@
+"""Registry of channel-importance methods (Torch-Pruning criteria) by name.
+
+Adding a method is one function returning a ``tp.importance.Importance`` and one
+``@register("name")`` line. ``needs_gradients`` marks methods that read ``.grad``,
+so the pruning loop runs a few backward passes before each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch_pruning as tp
+
+from yoloprune.errors import YoloPruneError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named importance criterion."""
+
+    name: str
+    build: Callable[[], tp.importance.Importance]
+    needs_gradients: bool = False
+    doc: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, needs_gradients: bool = False, doc: str = ""):
+    """Register ``fn`` (no arguments, returns an Importance) under ``name``."""
+
+    def wrap(fn: Callable[[], tp.importance.Importance]):
+        METHODS[name] = Method(name, fn, needs_gradients, doc)
+        return fn
+
+    return wrap
+
+
+@register("lamp", doc="layer-adaptive magnitude (LAMP), scale-free across layers; the default")
+def _lamp():
+    return tp.importance.LAMPImportance(p=2)
+
+
+@register("l1", doc="L1 norm of the group's weights")
+def _l1():
+    return tp.importance.MagnitudeImportance(p=1)
+
+
+@register("l2", doc="L2 norm of the group's weights")
+def _l2():
+    return tp.importance.MagnitudeImportance(p=2)
+
+
+@register("random", doc="random scores: the baseline every method must beat")
+def _random():
+    return tp.importance.RandomImportance()
+
+
+@register("taylor", needs_gradients=True, doc="first-order Taylor |w * dL/dw|; runs backward passes on a few batches")
+def _taylor():
+    return tp.importance.TaylorImportance()
+
+
+@register("bn_scale", doc="|gamma| of the BatchNorm after each conv (network slimming)")
+def _bn_scale():
+    return tp.importance.BNScaleImportance()
+
+
+def get_method(name: str) -> Method:
+    """Return the registered method called ``name`` or raise naming the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise YoloPruneError(f"unknown method '{name}': choose one of {', '.join(METHODS)}") from None

@@ -1,0 +1,291 @@
+"""Prune a converted Ultralytics YOLO model to a target MACs speed-up with Torch-Pruning.
+
+The loop prunes in ``iterative_steps`` small global (or per-layer) steps and checks
+the MACs after every pruned group, so it stops within a group of the target rather
+than a whole step past it. Output layers are never pruned: every head's final convs
+and linears, DFL, the mask prototypes' output conv, and the attention internals
+(see ``AttentionV2``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import metadata
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from tqdm import tqdm
+from ultralytics.nn.modules import Conv, Detect
+from ultralytics.nn.modules.block import Proto
+
+from yoloprune.convert import convert_model
+from yoloprune.errors import YoloPruneError
+from yoloprune.importance import get_method
+from yoloprune.macs import MacCounter, count_params
+from yoloprune.modules import AttentionV2
+
+LOGGER = logging.getLogger("yoloprune")
+
+BRANCHES = ("auto", "one2one", "one2many")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Validated pruning settings; every field is checked here, at the edge."""
+
+    speed_up: float = 2.0  # target base MACs / pruned MACs at imgsz
+    method: str = "lamp"  # importance criterion, see yoloprune.importance.METHODS
+    global_pruning: bool = True  # rank channels across layers (True) or prune each layer by the same ratio
+    iterative_steps: int = 40  # schedule: step k may remove up to k/steps of the channels; the loop stops inside the step that hits the target
+    round_to: int = 8  # keep channel counts multiples of this (CPU/GPU kernels prefer multiples of 8)
+    max_layer_ratio: float = 0.75  # no layer loses more than this share of its channels
+    imgsz: int = 640  # input size at which MACs are counted
+    tolerance: float = 0.02  # accepted relative error of the achieved speed-up
+    branch: str = "auto"  # YOLO26 head branch whose MACs count: auto = the one predict/export use
+    seed: int = 0  # seeds the random method and calibration inputs
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise YoloPruneError(msg)
+
+        if not isinstance(self.speed_up, (int, float)) or isinstance(self.speed_up, bool) or self.speed_up <= 1:
+            bad(f"speed_up must be a number > 1 (base MACs / pruned MACs), got {self.speed_up!r}")
+        get_method(self.method)
+        if not isinstance(self.iterative_steps, int) or self.iterative_steps <= 0:
+            bad(f"iterative_steps must be a positive integer, got {self.iterative_steps!r}")
+        if not isinstance(self.round_to, int) or self.round_to <= 0:
+            bad(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
+        if not 0 < self.max_layer_ratio < 1:
+            bad(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio!r}")
+        if not isinstance(self.imgsz, int) or self.imgsz <= 0 or self.imgsz % 32:
+            nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
+            bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
+        if self.branch not in BRANCHES:
+            bad(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}")
+
+
+@dataclass
+class PruneReport:
+    """What a pruning run did, in the units a user compares."""
+
+    base_macs: int
+    pruned_macs: int
+    base_params: int
+    pruned_params: int
+    target_speed_up: float
+    speed_up: float
+    method: str
+    global_pruning: bool
+    round_to: int
+    imgsz: int
+    steps: int
+    seconds: float
+    counted_branch: str
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Return the report as a JSON-ready dict."""
+        return asdict(self)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """Return the model's head (its last layer)."""
+    return model.model[-1]
+
+
+def output_layers(model: nn.Module) -> list[nn.Module]:
+    """Return the layers whose output channels define the model's outputs and must keep their width."""
+    head = head_of(model)
+    wrapped = {id(m.conv) for m in head.modules() if isinstance(m, Conv)}
+    keep = [m for m in head.modules() if (type(m) is nn.Conv2d and id(m) not in wrapped) or isinstance(m, nn.Linear)]
+    keep += [m.cv3 for m in head.modules() if isinstance(m, Proto)]  # mask prototypes: nm channels
+    return keep
+
+
+def attention_internals(model: nn.Module) -> list[nn.Module]:
+    """Return the q/k/v/pe convolutions of every attention block, kept whole (see AttentionV2)."""
+    return [c for m in model.modules() if isinstance(m, AttentionV2) for c in (m.q, m.k, m.v, m.pe)]
+
+
+def deployed_branch(model: nn.Module, branch: str = "auto") -> tuple[str, list[nn.Module]]:
+    """Return the name of the head branch inference runs and the modules of the branch it skips."""
+    head = head_of(model)
+    if not isinstance(head, Detect) or getattr(head, "one2one_cv2", None) is None:
+        return "single", []
+    if branch == "auto":
+        branch = "one2one" if head.end2end else "one2many"
+    unused = head.one2many if branch == "one2one" else head.one2one
+    return branch, [m for m in unused.values() if m is not None]
+
+
+def _tensors(obj, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k != "feats":
+                _tensors(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, out)
+    return out
+
+
+def trace_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run the passes Torch-Pruning traces: inference and training, so every consumer of a channel is seen.
+
+    Inference alone misses training-only layers (YOLO26's semantic-segmentation branch
+    and keypoint sigmas); training alone misses the one-to-one head, whose input
+    Ultralytics detaches in training. BN stays in eval mode so tracing changes no statistics.
+    """
+    was_training = model.training
+    outs: list[torch.Tensor] = []
+    try:
+        model.eval()
+        _tensors(model(x), outs)
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        _tensors(model(x), outs)
+    finally:
+        model.train(was_training)
+    return outs
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Make a loaded model prunable in place: fp32, trainable parameters (checkpoints load frozen), converted."""
+    model.float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    convert_model(model)
+    return model
+
+
+def prune_model(
+    model: nn.Module,
+    cfg: PruneConfig,
+    loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place until ``cfg.speed_up`` is reached; return the report.
+
+    ``loss_fn(model)`` returns a scalar loss for gradient-based methods (``taylor``);
+    without one, a data-free proxy (the squared raw outputs on random images) is used.
+    """
+    t0 = time.perf_counter()
+    method = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    prepare(model)
+    frozen_dfl = [m for m in model.modules() if type(m).__name__ == "DFL"]
+    branch, unused = deployed_branch(model, cfg.branch)
+    counter = MacCounter(model, cfg.imgsz, exclude=set(unused))
+    base_macs, base_params = counter(), count_params(model)
+    target = base_macs / cfg.speed_up
+
+    example = torch.randn(1, 3, 64, 64)
+    ignored = output_layers(model) + attention_internals(model) + frozen_dfl
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=method.build(),
+        global_pruning=cfg.global_pruning,
+        pruning_ratio=1.0,
+        max_pruning_ratio=cfg.max_layer_ratio,
+        iterative_steps=cfg.iterative_steps,
+        round_to=cfg.round_to,
+        ignored_layers=ignored,
+        forward_fn=trace_forward,
+    )
+    if method.needs_gradients and loss_fn is None:
+        loss_fn = _proxy_loss(cfg.seed)
+
+    macs, steps, reached = base_macs, 0, False
+    bar = tqdm(range(cfg.iterative_steps), desc=f"prune {cfg.method} -> {cfg.speed_up:g}x", disable=not progress)
+    for steps in bar:
+        if method.needs_gradients:
+            _accumulate_gradients(model, loss_fn)
+        for group in pruner.step(interactive=True):
+            group.prune()
+            macs = counter()
+            if macs <= target:
+                reached = True
+                break
+        bar.set_postfix(speed_up=f"{base_macs / macs:.3f}")
+        if reached:
+            break
+    bar.close()
+    model.zero_grad(set_to_none=True)
+    achieved = base_macs / macs
+    if not reached or abs(achieved / cfg.speed_up - 1) > cfg.tolerance:
+        raise YoloPruneError(
+            f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
+            f"round_to={cfg.round_to}: the best reachable is {achieved:.3f}x; lower the target or raise max_layer_ratio"
+        )
+    return PruneReport(
+        base_macs=base_macs,
+        pruned_macs=macs,
+        base_params=base_params,
+        pruned_params=count_params(model),
+        target_speed_up=float(cfg.speed_up),
+        speed_up=achieved,
+        method=cfg.method,
+        global_pruning=cfg.global_pruning,
+        round_to=cfg.round_to,
+        imgsz=cfg.imgsz,
+        steps=steps + 1,
+        seconds=time.perf_counter() - t0,
+        counted_branch=branch,
+        versions=versions(),
+    )
+
+
+def _proxy_loss(seed: int) -> Callable[[nn.Module], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 3, 64, 64, generator=gen)
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        return sum(t.float().pow(2).mean() for t in trace_forward(model, images) if t.requires_grad)
+
+    return loss
+
+
+def _accumulate_gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of the libraries a pruned model depends on."""
+    import ultralytics
+
+    import yoloprune
+
+    return {"yoloprune": yoloprune.__version__, "torch": torch.__version__, "torch_pruning": metadata.version("torch-pruning"),
+            "ultralytics": ultralytics.__version__}
+
+
+def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate BatchNorm statistics on ``batches`` (cumulative average); weights are untouched.
+
+    Random-init models collapse activations through depth; recalibrated statistics keep
+    every layer's output alive, so equivalence checks and magnitude criteria see real signal.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.train(was_training)
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    return model
