@@ -72,6 +72,8 @@ def _from_yaml(name: str) -> nn.Module:
 
     try:
         model = YOLO(name, verbose=False).model
+    except NotImplementedError as e:  # a yaml of another family (RT-DETR, ...) that YOLO() cannot build
+        raise YoloPruneError(f"{name}: this model family is not supported; yoloprune prunes {SUPPORTED}") from e
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
         raise YoloPruneError(f"{name}: not a known Ultralytics model yaml ({e}); try yolov8n.yaml, yolo11n.yaml "
                              "or yolo26n.yaml") from e

@@ -102,7 +102,7 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
     head = head_of(model)
     wrapped = {id(m.conv) for m in head.modules() if isinstance(m, Conv)}
     keep = [m for m in head.modules() if (type(m) is nn.Conv2d and id(m) not in wrapped) or isinstance(m, nn.Linear)]
-    keep += [m.cv3 for m in head.modules() if isinstance(m, Proto)]  # mask prototypes: nm channels
+    keep += [m.cv3.conv for m in head.modules() if isinstance(m, Proto)]  # mask prototypes: nm channels
     return keep
 
 
