@@ -41,9 +41,10 @@ def output_shapes(model: nn.Module) -> list[tuple]:
 
 CASES = [
     ("yolov8n.yaml", 2.0), ("yolov8n.yaml", 3.0),
-    ("yolo11n.yaml", 2.0), ("yolo11n.yaml", 3.0),
-    ("yolo26n.yaml", 2.0), ("yolo26n.yaml", 3.0),
+    ("yolo11n.yaml", 2.0), pytest.param("yolo11n.yaml", 3.0, marks=pytest.mark.slow),
+    ("yolo26n.yaml", 2.0), pytest.param("yolo26n.yaml", 3.0, marks=pytest.mark.slow),
     ("yolo11n-seg.yaml", 2.0), ("yolo26n-pose.yaml", 2.0),
+    pytest.param("yolo26n-seg.yaml", 2.0, marks=pytest.mark.slow),
 ]
 
 

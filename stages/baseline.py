@@ -1,0 +1,25 @@
+"""Stage baseline: train a YOLO from its model yaml, or take the user's checkpoint as it is (fp32)."""
+
+import tempfile
+from pathlib import Path
+
+from yoloprune.finetune import finetune
+from yoloprune.io import load_model, save_model, write_json
+from yoloprune.params import data_yaml, load_params
+
+OUT = Path("models/baseline.pt")
+
+params = load_params()
+model, data = params["model"], data_yaml(params)
+if model.endswith(".pt"):
+    save_model(load_model(model), OUT, {"source": model})
+    write_json({"trained": False, "source": model}, "metrics/baseline.json")
+else:
+    b = params["baseline"]
+    with tempfile.TemporaryDirectory() as tmp:
+        init = save_model(load_model(model), Path(tmp) / "init.pt", {"source": model})
+        result = finetune(init, data, epochs=b["epochs"], imgsz=params["imgsz"], batch=b["batch"],
+                          out_dir="runs/baseline")
+    save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
+    write_json({"trained": True, "epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95},
+               "metrics/baseline.json")

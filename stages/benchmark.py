@@ -1,0 +1,32 @@
+"""Stage benchmark: params, MACs, mAP and ONNX Runtime latency of baseline vs fine-tuned, side by side."""
+
+import json
+from pathlib import Path
+
+from yoloprune.benchmark import benchmark, compare, format_table
+from yoloprune.io import write_json
+from yoloprune.params import data_yaml, load_params
+
+params = load_params()
+b = params["benchmark"]
+settings = dict(imgsz=params["imgsz"], runtime="onnx", data=str(data_yaml(params)), iters=b["iters"],
+                warmup=b["warmup"], threads=b["threads"])
+base, tuned = benchmark("models/baseline.pt", **settings), benchmark("models/finetuned.pt", **settings)
+cmp = compare(base, tuned)
+print(format_table(cmp))
+pruned = json.loads(Path("metrics/prune.json").read_text())
+parity = json.loads(Path("metrics/export.json").read_text())
+flat = {
+    "baseline_map50_95": base.get("map50_95"),
+    "pruned_map50_95": pruned.get("pruned_map50_95"),
+    "finetuned_map50_95": tuned.get("map50_95"),
+    "retention_pct": cmp.get("map50_95_retention_pct"),
+    "baseline_params": base["params"], "finetuned_params": tuned["params"],
+    "baseline_macs": base["macs"], "finetuned_macs": tuned["macs"],
+    "macs_speed_up": cmp.get("macs_speed_up"),
+    "baseline_latency_ms": base["latency_median_ms"], "finetuned_latency_ms": tuned["latency_median_ms"],
+    "latency_speed_up": cmp.get("latency_speed_up"),
+    "onnx_parity_rel_error": max(v for v in parity.values() if v is not None),
+}
+write_json(flat, "metrics/benchmark.json")
+write_json({"base": base, "pruned": tuned, "compare": cmp}, "metrics/benchmark_full.json")

@@ -1,0 +1,16 @@
+"""Stage dataset: generate the synthetic detection dataset (or note that the user's own data is used)."""
+
+from pathlib import Path
+
+from yoloprune.data import make_dataset
+from yoloprune.params import SYNTHETIC, load_params
+
+OUT = Path("data/synthetic")
+
+params = load_params()
+if params["data"] == SYNTHETIC:
+    d = params["dataset"]
+    make_dataset(OUT, n_train=d["n_train"], n_val=d["n_val"], imgsz=params["imgsz"], seed=d["seed"])
+else:  # the user's data.yaml is used as it is; this stage costs nothing
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "UNUSED").write_text(f"params.yaml data: {params['data']}\n")

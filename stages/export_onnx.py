@@ -1,0 +1,13 @@
+"""Stage export_onnx: export baseline and fine-tuned models to ONNX, checking parity with PyTorch."""
+
+from yoloprune.export import ExportConfig, export_model
+from yoloprune.io import write_json
+from yoloprune.params import load_params
+
+params = load_params()
+cfg = ExportConfig(imgsz=params["imgsz"], opset=params["export"]["opset"])
+metrics = {}
+for name in ("baseline", "finetuned"):
+    report = export_model(f"models/{name}.pt", cfg, out=f"models/{name}_{params['imgsz']}_b1.onnx")
+    metrics[f"{name}_parity_rel_error"] = report.max_rel_error
+write_json(metrics, "metrics/export.json")

@@ -1,0 +1,379 @@
+"""Measure what pruning buys: size, MACs, latency and accuracy of a checkpoint, and compare two of them.
+
+Latency is the forward pass alone (no pre- or post-processing, no NMS), timed per
+call after warm-up with a fixed thread count, the way a deployed model runs: the
+``torch`` runtime fuses Conv+BN as Ultralytics' predictor does; the ``onnx`` runtime
+times ONNX Runtime on the file ``yoloprune.export`` writes (exported once and
+cached beside the checkpoint). MACs and parameters count only the head branch
+inference runs (see ``yoloprune.prune.deployed_branch``).
+
+Reports are JSON-ready dicts, so DVC can track them as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from yoloprune.errors import YoloPruneError
+
+LOGGER = logging.getLogger("yoloprune")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Validated benchmark settings."""
+
+    imgsz: int = 640  # square input size, a multiple of the stride 32
+    batch: int = 1  # images per forward pass
+    device: str = "cpu"  # "cpu", "0"/"cuda:0" (torch and onnx), "mps" (torch)
+    warmup: int = 10  # untimed passes first (allocations, kernel selection, caches)
+    iters: int = 100  # timed passes
+    threads: int | None = None  # CPU threads for torch / ONNX Runtime; None = torch's current setting
+    half: bool = False  # FP16 (torch: CUDA only; onnx: an FP16 export)
+    runtime: str = "torch"  # see RUNTIMES
+    data: str | None = None  # a local data.yaml: also measure mAP50 and mAP50-95 with Ultralytics' validator
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise YoloPruneError(msg)
+
+        def positive_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        if not positive_int(self.imgsz) or self.imgsz % 32:
+            nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
+            bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
+        if not positive_int(self.batch):
+            bad(f"batch must be a positive integer, got {self.batch!r}")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            bad(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not positive_int(self.iters):
+            bad(f"iters must be a positive integer, got {self.iters!r}")
+        if self.threads is not None and not positive_int(self.threads):
+            bad(f"threads must be a positive integer or None (torch's current setting), got {self.threads!r}")
+        if self.runtime not in RUNTIMES:
+            bad(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.data is not None and not Path(self.data).is_file():
+            bad(f"data {self.data}: no such file; pass a local data.yaml (datasets are not downloaded)")
+
+
+def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **settings) -> dict:
+    """Return params, MACs, file size, latency, FPS (and mAP with ``data``) of a checkpoint, as a JSON-ready dict.
+
+    ``settings`` override fields of ``cfg``: ``benchmark("m.pt", imgsz=320, runtime="onnx")``.
+    ``macs``/``gflops`` are per image; ``fps`` is images per second (batch * 1000 / median ms).
+    """
+    try:
+        cfg = replace(cfg or BenchmarkConfig(), **settings)
+    except TypeError as e:
+        names = ", ".join(f.name for f in fields(BenchmarkConfig))
+        raise YoloPruneError(f"unknown benchmark setting ({e}); the settings are {names}") from e
+    device = resolve_device(cfg.device)
+    if cfg.half and cfg.runtime == "torch" and device.type == "cpu":
+        raise YoloPruneError("half=True with the torch runtime needs a CUDA device (Ultralytics runs FP32 on CPU); "
+                             "use device='0', or runtime='onnx' for an FP16 ONNX model")
+
+    from yoloprune.io import load_model
+    from yoloprune.macs import MacCounter, count_params
+    from yoloprune.prune import deployed_branch
+
+    path = Path(model_path)
+    model = load_model(path).eval()
+    branch, unused = deployed_branch(model)
+    skipped = {id(p) for m in unused for p in m.parameters()}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
+    params_total = count_params(model)  # before the runtime fuses BN away
+    macs = MacCounter(model, cfg.imgsz, exclude=set(unused))()
+
+    threads = cfg.threads or torch.get_num_threads()
+    artifact, run = RUNTIMES[cfg.runtime](model, path, cfg, device, threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = time_calls(run, cfg.warmup, cfg.iters, device)
+    finally:
+        torch.set_num_threads(previous)
+    median = statistics.median(times)
+    report = {
+        "model": str(path),
+        "file": str(artifact),
+        "runtime": cfg.runtime,
+        "device": str(device),
+        "half": cfg.half,
+        "imgsz": cfg.imgsz,
+        "batch": cfg.batch,
+        "threads": threads,
+        "warmup": cfg.warmup,
+        "iters": cfg.iters,
+        "task": str(getattr(model, "task", "detect")),
+        "branch": branch,
+        "params": params,
+        "params_total": params_total,
+        "macs": macs,
+        "gflops": 2 * macs / 1e9,
+        "file_mb": _size(artifact) / 2**20,
+        "latency_median_ms": median,
+        "latency_p90_ms": float(np.percentile(times, 90)),
+        "latency_mean_ms": statistics.fmean(times),
+        "latency_min_ms": min(times),
+        "latency_std_ms": statistics.pstdev(times),
+        "fps": cfg.batch * 1000 / median,
+    }
+    if cfg.data is not None:
+        report.update(accuracy(artifact, cfg, device))
+    report["machine"] = machine_info(device)
+    report["versions"] = library_versions(cfg.runtime)
+    LOGGER.info("%s (%s, %s): %.2f ms median, %.1f FPS, %.3f GMACs", path.name, cfg.runtime, device, median,
+                report["fps"], macs / 1e9)
+    return report
+
+
+def resolve_device(device: str | int) -> torch.device:
+    """Return the torch device ``device`` names ("cpu", "0", "cuda:1", "mps"), or raise if it does not exist here."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise YoloPruneError("device 'mps' does not exist here: torch sees no Apple GPU; use device='cpu'")
+        return torch.device("mps")
+    index = text.removeprefix("cuda").removeprefix(":") or "0"
+    if not index.isdigit():
+        raise YoloPruneError(f"device {device!r} is not a device name; use 'cpu', a CUDA index such as '0' or "
+                             "'cuda:0', or 'mps' (one device: benchmarks time one)")
+    if not torch.cuda.is_available():
+        raise YoloPruneError(f"device {device!r} does not exist: torch {torch.__version__} sees no CUDA GPU "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise YoloPruneError(f"device {device!r} does not exist: torch sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", int(index))
+
+
+def time_calls(run: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Return the wall time in ms of each of ``iters`` calls of ``run``, after ``warmup`` untimed calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA kernels run asynchronously
+    for _ in range(warmup):
+        run()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def _torch_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):
+    model = model.fuse(verbose=False)  # Conv+BN folded, unused head branch dropped, as Ultralytics predicts
+    dtype = torch.float16 if cfg.half else torch.float32
+    model = model.to(device, dtype)
+    x = torch.rand(cfg.batch, 3, cfg.imgsz, cfg.imgsz, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+    return path, lambda: model(x)  # benchmark() holds the thread count and inference_mode around the timing
+
+
+def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):
+    import onnxruntime as ort
+
+    if device.type not in ("cpu", "cuda"):
+        raise YoloPruneError(f"runtime 'onnx' runs on cpu or CUDA devices, not {device.type}; use device='cpu'")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise YoloPruneError("runtime 'onnx' on a CUDA device needs onnxruntime-gpu; run: pip uninstall "
+                                 "onnxruntime && pip install onnxruntime-gpu, or use device='cpu'")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+    onnx_path = cached_onnx(path, cfg.imgsz, cfg.batch, cfg.half)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+    inp = session.get_inputs()[0]
+    dtype = np.float16 if "float16" in inp.type else np.float32  # FP16 exports keep FP32 inputs; older ones may not
+    x = torch.rand(cfg.batch, 3, cfg.imgsz, cfg.imgsz, generator=torch.Generator().manual_seed(0)).numpy().astype(dtype)
+    feed = {inp.name: x}
+    return onnx_path, lambda: session.run(None, feed)
+
+
+# Adding a runtime is one function (model, path, cfg, device, threads) -> (artifact, run) and one line here.
+RUNTIMES = {"torch": _torch_runtime, "onnx": _onnx_runtime}
+
+
+def cached_onnx(model_path: Path, imgsz: int, batch: int, half: bool) -> Path:
+    """Return the ONNX export of ``model_path`` for these settings, exporting it beside the checkpoint if missing or stale."""
+    from yoloprune.export import ExportConfig, export_model
+
+    if model_path.suffix != ".pt":
+        raise YoloPruneError(f"{model_path}: runtime 'onnx' needs a .pt checkpoint to export; save the model first")
+    onnx_path = model_path.with_name(f"{model_path.stem}_{imgsz}_b{batch}{'_fp16' if half else ''}.onnx")
+    if onnx_path.is_file() and onnx_path.stat().st_mtime >= model_path.stat().st_mtime:
+        return onnx_path
+    LOGGER.info("exporting %s to %s for the onnx runtime", model_path, onnx_path)
+    export_model(model_path, ExportConfig(imgsz=imgsz, batch=batch, half=half), out=onnx_path)
+    return onnx_path
+
+
+def accuracy(artifact: Path, cfg: BenchmarkConfig, device: torch.device) -> dict:
+    """Return mAP50 and mAP50-95 (top-1/top-5 for classifiers) of ``artifact`` on ``cfg.data``'s val split."""
+    from ultralytics import YOLO
+
+    ul_device = "cpu" if device.type == "cpu" else "mps" if device.type == "mps" else str(device.index or 0)
+    with tempfile.TemporaryDirectory(prefix="yoloprune-val-") as project:  # keep runs/ out of the user's folder
+        metrics = YOLO(str(artifact)).val(
+            data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, plots=False, device=ul_device,
+            quantize=16 if cfg.half else None, project=project, name="val", verbose=False,
+        )
+    if hasattr(metrics, "box"):
+        return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
+    return {"top1": float(metrics.top1), "top5": float(metrics.top5)}
+
+
+def machine_info(device: torch.device) -> dict:
+    """Return the CPU model, core counts, platform (and GPU) the numbers were measured on."""
+    from ultralytics.utils.torch_utils import get_cpu_info, get_gpu_info
+
+    info = {
+        "cpu": get_cpu_info(),
+        "cores_logical": os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+    try:
+        import psutil
+
+        info["cores_physical"] = psutil.cpu_count(logical=False) or 0
+    except ImportError:
+        pass
+    if hasattr(os, "sched_getaffinity"):
+        info["cores_available"] = len(os.sched_getaffinity(0))  # what a container or taskset leaves this process
+    if device.type == "cuda":
+        info["gpu"] = get_gpu_info(device.index or 0)
+    return info
+
+
+def library_versions(runtime: str) -> dict:
+    """Return the versions of the libraries that ran the benchmark."""
+    from yoloprune.prune import versions
+
+    found = versions()
+    if runtime == "onnx":
+        import onnxruntime
+
+        found["onnxruntime"] = onnxruntime.__version__
+    return found
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+# Compared settings: numbers measured under different ones are not comparable.
+SAME = ("imgsz", "batch", "runtime", "device", "half", "threads")
+# metric -> (label in the table, scale for display, how the change reads)
+ROWS = {
+    "params": ("params (M)", 1e-6, "ratio"),
+    "macs": ("GMACs", 1e-9, "fewer"),
+    "gflops": ("GFLOPs", 1, "fewer"),
+    "file_mb": ("file (MB)", 1, "ratio"),
+    "latency_median_ms": ("latency median (ms)", 1, "faster"),
+    "latency_p90_ms": ("latency p90 (ms)", 1, "faster"),
+    "fps": ("FPS", 1, "ratio"),
+    "map50": ("mAP50", 1, "retained"),
+    "map50_95": ("mAP50-95", 1, "retained"),
+    "top1": ("top-1", 1, "retained"),
+    "top5": ("top-5", 1, "retained"),
+}
+
+
+def compare(base_report: dict, pruned_report: dict) -> dict:
+    """Return base and pruned values side by side with their ratios, as a JSON-ready dict.
+
+    Headline figures: ``params_ratio`` (pruned/base), ``macs_speed_up`` and
+    ``latency_speed_up`` (base/pruned), ``fps_ratio`` (pruned/base) and
+    ``map50_retention_pct``/``map50_95_retention_pct`` (pruned/base * 100, when both
+    reports have mAP and the base's is not zero).
+    """
+    differ = [k for k in SAME if base_report.get(k) != pruned_report.get(k)]
+    if differ:
+        pairs = ", ".join(f"{k} {base_report.get(k)!r} vs {pruned_report.get(k)!r}" for k in differ)
+        raise YoloPruneError(f"the reports were measured under different settings ({pairs}); benchmark both "
+                             "models with the same settings")
+    metrics = {}
+    for key in ROWS:
+        if key in base_report and key in pruned_report:
+            b, p = base_report[key], pruned_report[key]
+            metrics[key] = {"base": b, "pruned": p}
+            if b:
+                metrics[key]["ratio"] = p / b
+    out = {k: base_report[k] for k in SAME}
+    out.update(base=base_report.get("model", ""), pruned=pruned_report.get("model", ""), metrics=metrics)
+
+    def ratio(key: str, invert: bool = False) -> float | None:
+        b, p = metrics.get(key, {}).get("base"), metrics.get(key, {}).get("pruned")
+        if b and p:
+            return b / p if invert else p / b
+        return None
+
+    headline = {
+        "params_ratio": ratio("params"),
+        "macs_speed_up": ratio("macs", invert=True),
+        "latency_speed_up": ratio("latency_median_ms", invert=True),
+        "fps_ratio": ratio("fps"),
+    }
+    for key in ("map50", "map50_95", "top1", "top5"):
+        r = ratio(key)
+        if r is not None:
+            headline[f"{key}_retention_pct"] = 100 * r
+    out.update({k: v for k, v in headline.items() if v is not None})
+    return out
+
+
+def format_table(cmp: dict) -> str:
+    """Return ``compare``'s result as a markdown table (readable as plain text)."""
+    lines = ["| metric | base | pruned | change |", "|:--|--:|--:|--:|"]
+    for key, (label, scale, reads) in ROWS.items():
+        row = cmp["metrics"].get(key)
+        if row is None:
+            continue
+        b, p = row["base"] * scale, row["pruned"] * scale
+        r = row.get("ratio")
+        if r is None or r == 0:
+            change = "n/a"
+        elif reads == "fewer":
+            change = f"{1 / r:.2f}x fewer"
+        elif reads == "faster":
+            change = f"{1 / r:.2f}x faster"
+        elif reads == "retained":
+            change = f"{100 * r:.1f}% retained"
+        else:
+            change = f"{r:.2f}x"
+        lines.append(f"| {label} | {_num(b)} | {_num(p)} | {change} |")
+    lines.append("")
+    lines.append(f"imgsz {cmp['imgsz']}, batch {cmp['batch']}, {cmp['runtime']} on {cmp['device']}, "
+                 f"threads {cmp['threads']}{', fp16' if cmp['half'] else ''}")
+    return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int) or abs(v) >= 100:
+        return f"{v:,.0f}" if abs(v) >= 100 else str(v)
+    return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"

@@ -1,0 +1,348 @@
+"""Fine-tune a pruned model with Ultralytics' training engine, keeping its pruned architecture.
+
+Ultralytics' ``YOLO(...).train()`` and its trainers' ``get_model`` rebuild the network
+from ``model.yaml`` and copy over the weights whose shapes match
+(``DetectionModel.load`` -> ``intersect_dicts``): on a pruned model every pruned layer
+silently goes back to its full width and random weights. The trainers here subclass
+Ultralytics' task trainers at their ``get_model`` seam and return the pruned module
+itself. The model is always loaded from the checkpoint path in the trainer's
+arguments (``model=``, or ``last.pt`` on resume), never held in memory, so a fresh
+process rebuilds the same trainer from its arguments: Ultralytics' DDP launcher
+pickles the trainer class by module path and re-creates it in each worker.
+
+Each run also:
+- drops Ultralytics' integration callbacks (DVC, MLflow, ClearML, Comet, Ray Tune,
+  platform, analytics) for this trainer only, so training writes nothing outside its
+  run folder;
+- turns plots off by default and gives Ultralytics a local font, since it fetches
+  Arial over the network when the font is missing (``check_font``);
+- writes ``best.pt`` with fp32 weights: Ultralytics saves checkpoints in fp16, which
+  would round the weights the next stage (export, another pruning step) starts from.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK, USER_CONFIG_DIR
+from ultralytics.utils import callbacks as ul_callbacks
+from ultralytics.utils.patches import torch_load
+
+from yoloprune.errors import YoloPruneError
+from yoloprune.io import atomic_path, load_model
+
+LOGGER = logging.getLogger("yoloprune")
+
+BEST_FP32 = "best_fp32.pt"  # fp32 twin of best.pt, kept beside it during training (survives an interruption)
+DEFAULTS = {"plots": False, "workers": 0}  # plots fetch fonts and cost CPU time; workers: see finetune()
+# Settings finetune() sets itself; "pretrained" would load another checkpoint's weights over the pruned ones.
+RESERVED = {"model", "data", "resume", "project", "name", "exist_ok", "save_dir", "mode", "task", "pretrained"}
+
+
+def _is_integration(fn: Callable) -> bool:
+    """Return True for Ultralytics' logging/analytics integration callbacks (all but its no-op defaults)."""
+    module = getattr(fn, "__module__", None) or ""
+    return module == "ultralytics.utils.events" or (
+        module.startswith("ultralytics.utils.callbacks.") and module != "ultralytics.utils.callbacks.base"
+    )
+
+
+def provide_fonts() -> None:
+    """Give Ultralytics a local font so its plotting never downloads one.
+
+    ``check_font`` (ultralytics/utils/checks.py) returns ``USER_CONFIG_DIR/Arial.ttf``
+    when it exists and otherwise asks the network, on every dataset check, plots or not.
+    Matplotlib's DejaVu Sans (installed with Ultralytics) stands in for Arial, and for
+    Arial Unicode (non-ASCII class names), as the file Ultralytics would have downloaded.
+    """
+    from matplotlib import get_data_path
+
+    source = Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = Path(USER_CONFIG_DIR) / name
+        if target.exists() or not source.is_file():
+            continue
+        try:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+        except OSError as e:  # a read-only config dir: Ultralytics falls back to asking the network
+            LOGGER.debug("cannot write %s: %s", target, e)
+
+
+class PrunedTrainerMixin:
+    """Train the pruned module in a checkpoint as it is; mixed into each Ultralytics task trainer."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None) -> None:
+        provide_fonts()  # before super().__init__: its dataset check calls check_font
+        super().__init__(cfg, overrides, _callbacks)
+        for event, fns in self.callbacks.items():  # the validator gets this dict: drop integrations for it too
+            self.callbacks[event] = [f for f in fns if not _is_integration(f)]
+        if RANK in {-1, 0} and not self.resume:
+            (self.wdir / BEST_FP32).unlink(missing_ok=True)  # a previous run's best must not become this run's
+
+    def run_callbacks(self, event: str) -> None:
+        """Run the event's callbacks except integrations (they are added inside ``BaseTrainer.__init__``)."""
+        for fn in self.callbacks.get(event, []):
+            if not _is_integration(fn):
+                fn(self)
+
+    def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
+        """Return the pruned module itself, never a model rebuilt from ``cfg`` (the unpruned yaml).
+
+        ``weights`` is the module ``setup_model`` loaded from ``args.model`` (or the one
+        ``YOLO(...).train(trainer=...)`` passes); without one, it is loaded from ``args.model``.
+        """
+        model = weights if isinstance(weights, nn.Module) else load_model(self.args.model)
+        model.float()
+        for p in model.parameters():
+            p.requires_grad_(p.dtype.is_floating_point)  # checkpoints load frozen; the trainer re-freezes DFL itself
+        if hasattr(model, "criterion"):
+            model.criterion = None  # rebuilt on the first batch from this run's hyperparameters
+        if self.args.task != "classify":  # classification heads are resized by ClassificationTrainer.setup_model
+            match_dataset(model, self.data)
+        return model
+
+    def save_model(self) -> bool:
+        """Save Ultralytics' fp16 checkpoints, and the EMA in fp32 beside best.pt whenever best.pt is written."""
+        saved = super().save_model()
+        if saved and self.best_fitness == self.fitness:  # the condition BaseTrainer.save_model writes best.pt on
+            model = deepcopy(self.ema.ema).float().cpu()
+            _strip(model)
+            with atomic_path(self.wdir / BEST_FP32) as tmp:
+                torch.save({"model": model, "epoch": self.epoch, "fitness": self.fitness}, tmp)
+        return saved
+
+    def final_eval(self) -> None:
+        """Validate best.pt as Ultralytics does, then replace its fp16 model with the fp32 one."""
+        super().final_eval()
+        if RANK in {-1, 0} and self.best.exists():
+            _restore_fp32(self.best, self.wdir / BEST_FP32)
+
+
+def _strip(model: nn.Module) -> nn.Module:
+    """Make a trained module a plain checkpoint model in place: no loss state, plain-dict args, frozen."""
+    if hasattr(model, "criterion"):
+        model.criterion = None
+    if hasattr(model, "args") and not isinstance(model.args, dict):
+        model.args = dict(vars(model.args))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _restore_fp32(best: Path, twin: Path) -> None:
+    """Rewrite ``best`` (stripped by Ultralytics, fp16) with the fp32 model saved in ``twin``; keep its metadata."""
+    ckpt = torch_load(best, map_location="cpu")
+    if twin.exists():
+        ckpt["model"] = torch_load(twin, map_location="cpu")["model"]
+    else:  # e.g. a run trained by another trainer: upcasting keeps fp16's rounding but gives fp32 tensors
+        LOGGER.warning("%s: no fp32 copy beside it; saving its fp16 weights as fp32", best)
+    ckpt["model"] = _strip(ckpt["model"].float())
+    with atomic_path(best) as tmp:
+        torch.save(ckpt, tmp)
+    twin.unlink(missing_ok=True)
+
+
+def match_dataset(model: nn.Module, data: dict) -> nn.Module:
+    """Give ``model``'s head the dataset's class count in place; the new class outputs start untrained.
+
+    Every other layer keeps its pruned width and weights. As Ultralytics does when its
+    model yaml's ``nc`` differs from the data's, the class convolutions are replaced,
+    with Ultralytics' prior-probability bias.
+    """
+    import math
+
+    head = model.model[-1]
+    nc = int(data["nc"])
+    kpt_shape = data.get("kpt_shape")
+    if kpt_shape is not None and hasattr(head, "kpt_shape") and list(head.kpt_shape) != list(kpt_shape):
+        raise YoloPruneError(f"the model predicts keypoints of shape {list(head.kpt_shape)} but the data has "
+                             f"{list(kpt_shape)}; prune a pose model trained with kpt_shape {list(kpt_shape)}")
+    if getattr(head, "nc", nc) == nc:
+        return model
+    branches = [getattr(head, name, None) for name in ("cv3", "one2one_cv3")]
+    branches = [b for b in branches if isinstance(b, nn.ModuleList)]
+    outs = [(seq, len(seq) - 1) for b in branches for seq in b if isinstance(seq, nn.Sequential)]
+    semseg = getattr(getattr(head, "proto", None), "semseg", None)
+    if isinstance(semseg, nn.Sequential):  # YOLO26 segmentation's semantic branch: one channel per class
+        outs.append((semseg, len(semseg) - 1))
+    if not outs or not all(isinstance(seq[i], nn.Conv2d) and seq[i].out_channels == head.nc for seq, i in outs):
+        raise YoloPruneError(f"the model has {head.nc} classes but the data has {nc}, and its {type(head).__name__} "
+                             f"head's class outputs cannot be resized; prune a model trained with {nc} classes")
+    LOGGER.info("model has %d classes, data %d: replacing the class outputs (untrained)", head.nc, nc)
+    strides = getattr(head, "stride", None)
+    for k, (seq, i) in enumerate(outs):
+        old = seq[i]
+        new = nn.Conv2d(old.in_channels, nc, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        if new.bias is not None and strides is not None and len(strides) and seq is not semseg:
+            s = float(strides[k % len(strides)])
+            new.bias.data[:] = math.log(5 / nc / (640 / s) ** 2)  # Detect.bias_init: ~0.01 objects per cell
+        seq[i] = new.to(old.weight.device, old.weight.dtype)
+    head.nc = nc
+    if hasattr(head, "reg_max"):
+        head.no = nc + head.reg_max * 4
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml["nc"] = nc
+    model.nc = nc
+    return model
+
+
+class PrunedDetectionTrainer(PrunedTrainerMixin, DetectionTrainer):
+    """Ultralytics' DetectionTrainer, training the pruned checkpoint in ``model=`` as it is."""
+
+
+class PrunedSegmentationTrainer(PrunedTrainerMixin, SegmentationTrainer):
+    """Ultralytics' SegmentationTrainer, training the pruned checkpoint in ``model=`` as it is."""
+
+
+class PrunedPoseTrainer(PrunedTrainerMixin, PoseTrainer):
+    """Ultralytics' PoseTrainer, training the pruned checkpoint in ``model=`` as it is."""
+
+
+class PrunedOBBTrainer(PrunedTrainerMixin, OBBTrainer):
+    """Ultralytics' OBBTrainer, training the pruned checkpoint in ``model=`` as it is."""
+
+
+class PrunedClassificationTrainer(PrunedTrainerMixin, ClassificationTrainer):
+    """Ultralytics' ClassificationTrainer, training the pruned checkpoint in ``model=`` as it is."""
+
+
+TRAINERS: dict[str, type] = {
+    "detect": PrunedDetectionTrainer,
+    "segment": PrunedSegmentationTrainer,
+    "pose": PrunedPoseTrainer,
+    "obb": PrunedOBBTrainer,
+    "classify": PrunedClassificationTrainer,
+}
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Where a fine-tuning run wrote its checkpoints, and the validation metrics of best.pt."""
+
+    best: Path  # fp32, the stage output
+    last: Path  # Ultralytics' own (fp16); resumable only while the run is unfinished
+    save_dir: Path
+    epochs: int  # epochs completed in the run folder, resumed runs included
+    metrics: dict[str, float] = field(default_factory=dict)  # Ultralytics' names, e.g. "metrics/mAP50-95(B)"
+
+    @property
+    def map50(self) -> float | None:
+        """Return box mAP at IoU 0.5, or None for a task without boxes."""
+        return self.metrics.get("metrics/mAP50(B)")
+
+    @property
+    def map50_95(self) -> float | None:
+        """Return box mAP averaged over IoU 0.5:0.95, or None for a task without boxes."""
+        return self.metrics.get("metrics/mAP50-95(B)")
+
+
+def finetune(
+    model: str | Path,
+    data: str | Path,
+    epochs: int = 10,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str = "cpu",
+    out_dir: str | Path = "runs/finetune",
+    resume: bool = False,
+    workers: int = 0,
+    callbacks: dict[str, list[Callable]] | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tune the pruned checkpoint ``model`` on ``data``; return where best.pt (fp32) and last.pt are.
+
+    ``out_dir`` is the run folder (Ultralytics' project/name), owned by the run: a new
+    run replaces its checkpoints. ``resume=True`` continues the unfinished run in
+    ``out_dir`` from ``weights/last.pt`` with that run's settings (Ultralytics lets
+    only device, workers, batch, imgsz, cache and a few others change). ``workers=0``
+    loads batches in the training process, which is what Ultralytics does on CPU
+    anyway. ``callbacks`` adds functions to Ultralytics' trainer events
+    (``{"on_fit_epoch_end": [fn]}``); ``overrides`` are other Ultralytics training
+    settings (lr0, optimizer, cache, amp, plots, ...).
+    """
+    from ultralytics.nn.tasks import guess_model_task
+
+    model, data, out_dir = Path(model), Path(data), Path(out_dir).resolve()
+    for name, value, low in (("epochs", epochs, 1), ("imgsz", imgsz, 32), ("batch", batch, 1), ("workers", workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise YoloPruneError(f"{name} must be an integer >= {low}, got {value!r}")
+    reserved = sorted(set(overrides) & RESERVED)
+    if reserved:
+        raise YoloPruneError(f"finetune() sets {', '.join(reserved)} itself; pass the model, data, out_dir and "
+                             "resume arguments instead (the pruned weights are the starting point)")
+    unknown = sorted(k for k in overrides if k not in DEFAULT_CFG_DICT)
+    if unknown:
+        raise YoloPruneError(f"unknown training setting(s) {', '.join(unknown)}; use Ultralytics' train settings "
+                             "(ultralytics/cfg/default.yaml), e.g. lr0, optimizer, cache")
+    if model.suffix != ".pt":
+        raise YoloPruneError(f"{model}: fine-tuning needs a pruned .pt checkpoint (yoloprune prune writes one), "
+                             "not a model yaml")
+    task = guess_model_task(load_model(model))
+    if task not in TRAINERS:
+        raise YoloPruneError(f"{model}: a {task} model; yoloprune fine-tunes {', '.join(TRAINERS)} models")
+    if task != "classify":  # classification data is a folder tree that Ultralytics checks itself
+        from yoloprune.data import check_data_yaml
+
+        check_data_yaml(data)
+
+    args: dict[str, Any] = {"data": str(data), "device": device, "workers": workers}
+    last = out_dir / "weights" / "last.pt"
+    if resume:
+        _check_resumable(last)
+        args.update(model=str(last), resume=str(last))
+    else:
+        args.update(DEFAULTS, model=str(model), task=task, epochs=epochs, imgsz=imgsz, batch=batch,
+                    project=str(out_dir.parent), name=out_dir.name, exist_ok=True)
+    args.update(overrides)
+
+    events = ul_callbacks.get_default_callbacks()
+    for event, fns in (callbacks or {}).items():
+        if event not in events:
+            raise YoloPruneError(f"unknown callback event {event!r}; use one of {', '.join(sorted(events))}")
+        events[event].extend(fns)
+
+    trainer = TRAINERS[task](overrides=args, _callbacks=events)
+    trainer.train()
+    return _result(trainer)
+
+
+def _check_resumable(last: Path) -> None:
+    if not last.is_file():
+        raise YoloPruneError(f"{last}: no checkpoint to resume; start the run with resume=False")
+    ckpt = torch_load(last, map_location="cpu")
+    epoch, total = ckpt.get("epoch", -1), (ckpt.get("train_args") or {}).get("epochs", 0)
+    if epoch < 0 or ckpt.get("optimizer") is None or epoch + 1 >= total:
+        raise YoloPruneError(f"{last}: that run already finished; start a new run (resume=False) or choose "
+                             "another out_dir")
+
+
+def _result(trainer) -> FinetuneResult:
+    metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None
+    if metrics is None and trainer.best.exists():  # DDP: the launching process trained nothing itself
+        metrics = torch_load(trainer.best, map_location="cpu").get("train_metrics") or {}
+    epochs = 0
+    if trainer.csv.exists():
+        with open(trainer.csv, newline="") as f:
+            epochs = sum(1 for _ in csv.DictReader(f))
+    return FinetuneResult(
+        best=trainer.best,
+        last=trainer.last,
+        save_dir=Path(trainer.save_dir),
+        epochs=epochs,
+        metrics={k: float(v) for k, v in (metrics or {}).items() if k.startswith("metrics/")},
+    )
