@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run demo test test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The DVC pipeline on the embedded default (synthetic data, yolov8n trained from its yaml); stages call `python`,
+# so the venv goes first on PATH.
 run: setup
-	$(BIN)/yoloprune prune yolov8n.yaml --speed-up 2 -o models/yolov8n-pruned.pt --report metrics/prune.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+demo: setup
+	$(BIN)/yoloprune prune yolov8n.yaml --speed-up 2 -o yolov8n-pruned.pt --report yolov8n-pruned.json
 
 test: setup
 	$(BIN)/python -m pytest -q
