@@ -43,7 +43,8 @@ CASES = [
     ("yolov8n.yaml", 2.0), ("yolov8n.yaml", 3.0),
     ("yolo11n.yaml", 2.0), pytest.param("yolo11n.yaml", 3.0, marks=pytest.mark.slow),
     ("yolo26n.yaml", 2.0), pytest.param("yolo26n.yaml", 3.0, marks=pytest.mark.slow),
-    ("yolo11n-seg.yaml", 2.0), ("yolo26n-pose.yaml", 2.0),
+    pytest.param("yolo11n-seg.yaml", 2.0, marks=pytest.mark.slow),
+    pytest.param("yolo26n-pose.yaml", 2.0, marks=pytest.mark.slow),
     pytest.param("yolo26n-seg.yaml", 2.0, marks=pytest.mark.slow),
 ]
 
@@ -85,6 +86,7 @@ def test_yolo26_counts_the_branch_inference_runs():
     assert tensors(y)[0].shape[-1] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_reaches_the_target(method):
     model = live_model("yolov8n.yaml")
@@ -110,6 +112,7 @@ def test_per_layer_pruning_shrinks_every_layer_including_the_stem():
     assert model.model[0].conv.out_channels < stem
 
 
+@pytest.mark.slow
 def test_frozen_half_checkpoint_is_still_pruned(tmp_path):
     """Official checkpoints load fp16 with requires_grad=False; pruning must still remove channels."""
     model = live_model("yolov8n.yaml").half()
@@ -123,6 +126,7 @@ def test_frozen_half_checkpoint_is_still_pruned(tmp_path):
     assert loaded.model[0].conv.out_channels < 16
 
 
+@pytest.mark.slow
 def test_pruned_model_prunes_again(tmp_path):
     model = live_model("yolov8n.yaml")
     prune_model(model, PruneConfig(speed_up=1.5, imgsz=320), progress=False)
@@ -132,6 +136,7 @@ def test_pruned_model_prunes_again(tmp_path):
     assert report.speed_up == pytest.approx(1.5, rel=0.02)
 
 
+@pytest.mark.slow
 def test_unreachable_target_reports_best_reachable():
     model = live_model("yolov8n.yaml")
     with pytest.raises(YoloPruneError, match=r"not reachable.*best reachable is \d+\.\d+x"):
