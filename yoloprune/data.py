@@ -27,7 +27,6 @@ import yaml
 from PIL import Image, ImageDraw
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.io import atomic_path
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -227,7 +226,7 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray, tries: int 
 
 
 def _polygon(draw: ImageDraw.ImageDraw, cx: float, cy: float, radii: list[float], angles: list[float], rot: float):
-    pts = [(cx + r * math.cos(a + rot), cy + r * math.sin(a + rot)) for r, a in zip(radii, angles)]
+    pts = [(cx + r * math.cos(a + rot), cy + r * math.sin(a + rot)) for r, a in zip(radii, angles, strict=True)]
     draw.polygon(pts, fill=255)
 
 
@@ -299,8 +298,9 @@ def check_data_yaml(path: str | Path) -> dict[str, Any]:
             raise YoloPruneError(f"{file}: {split} has no images (looked in {_show(root, data[split])}); "
                                  f"put .jpg or .png images there, or fix '{split}:'")
         if not any(_has_labels(img) for img in images):
-            raise YoloPruneError(f"{file}: every {split} label file is missing or empty (expected {_label_of(images[0])}"
-                                 " and its siblings); write one 'class x y w h' line per object, normalised to 0-1")
+            raise YoloPruneError(f"{file}: every {split} label file is missing or empty (expected "
+                                 f"{_label_of(images[0])} and its siblings); write one 'class x y w h' line per "
+                                 "object, normalised to 0-1")
         sources = [str(p) for p in _split_sources(root, data[split])]
         data[split] = sources if isinstance(data[split], list) else sources[0]
     data["path"] = str(root)

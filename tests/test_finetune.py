@@ -1,0 +1,203 @@
+"""Fine-tuning keeps the pruned architecture, saves fp32, resumes, and survives Ultralytics' DDP relaunch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
+from yoloprune.data import make_dataset
+from yoloprune.errors import YoloPruneError
+from yoloprune.finetune import BEST_FP32, PrunedDetectionTrainer, _is_integration, finetune, match_dataset
+from yoloprune.io import load_model, save_model
+from yoloprune.macs import MacCounter
+from yoloprune.prune import PruneConfig, prune_model
+
+IMGSZ = 64
+ENV = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}  # a fresh process that never imported yoloprune
+
+
+def shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Return {state_dict key: shape} of every weight and BN buffer (pruning changes these, training must not)."""
+    return {k: list(v.shape) for k, v in model.state_dict().items() if v.dim() > 0}
+
+
+def macs(model: nn.Module) -> int:
+    return MacCounter(model, IMGSZ)()
+
+
+def unpruned() -> nn.Module:
+    """Return yolov8n with the dataset's 6 classes at its yaml widths: what a rebuild from yaml gives."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel("yolov8n.yaml", nc=6, verbose=False)
+
+
+def load_ckpt_model(path: Path) -> nn.Module:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["model"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=8, n_val=4, imgsz=IMGSZ)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    """yolov8n with the dataset's 6 classes, pruned to 1.5x fewer MACs at 64 px (a coarse 8-step schedule) and saved."""
+    model = unpruned()
+    prune_model(model, PruneConfig(speed_up=1.5, imgsz=IMGSZ, iterative_steps=8), progress=False)
+    return save_model(model, tmp_path_factory.mktemp("pruned") / "pruned.pt")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pruned, dataset):
+    return finetune(pruned, dataset, epochs=1, imgsz=IMGSZ, batch=4, out_dir=tmp_path_factory.mktemp("runs") / "ft")
+
+
+def test_training_keeps_the_pruned_architecture(trained, pruned):
+    before, after = load_model(pruned), load_ckpt_model(trained.best)
+    assert shapes(after) == shapes(before)
+    assert macs(after) == macs(before)
+    assert macs(unpruned()) / macs(after) == pytest.approx(1.5, rel=0.03)  # the yaml's full widths did not come back
+
+
+def test_training_changes_weights_and_saves_fp32(trained, pruned):
+    before, after = load_model(pruned).state_dict(), load_ckpt_model(trained.best).state_dict()
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k].to(v.dtype))]
+    weights = [k for k, v in before.items() if k.endswith(".weight") and "dfl" not in k]
+    assert len(set(changed) & set(weights)) >= 0.9 * len(weights)  # the optimiser touched nearly every layer
+    assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float32}
+    # Not fp16 rounded: some trained weights carry more mantissa bits than fp16 keeps.
+    w = torch.cat([v.flatten() for k, v in after.items() if k in changed and v.is_floating_point()])
+    assert not torch.equal(w, w.half().float())
+    assert not (trained.best.parent / BEST_FP32).exists()
+    assert trained.epochs == 1 and set(trained.metrics) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
+    assert 0 <= trained.map50_95 <= trained.map50 <= 1
+
+
+def test_best_reloads_with_yolo_in_a_fresh_process(trained, pruned):
+    code = (
+        "import json, sys\n"
+        "from ultralytics import YOLO\n"
+        "m = YOLO(sys.argv[1]).model\n"
+        "print(json.dumps({'shapes': {k: list(v.shape) for k, v in m.state_dict().items() if v.dim()},"
+        " 'dtypes': sorted({str(p.dtype) for p in m.parameters()}), 'nc': m.nc}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(trained.best)], env=ENV, capture_output=True, text=True,
+                         timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["shapes"] == shapes(load_model(pruned))
+    assert got["dtypes"] == ["torch.float32"] and got["nc"] == 6
+
+
+class Interrupted(Exception):
+    """Stands in for a killed run."""
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
+    out = tmp_path / "run"
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out,
+                 callbacks={"on_model_save": [stop_after_first_epoch]})
+    last = torch.load(out / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and last["optimizer"] is not None
+    assert (out / "weights" / BEST_FP32).exists()  # the fp32 best survives the interruption
+
+    starts = []
+    result = finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True,
+                      callbacks={"on_train_start": [lambda t: starts.append(t.start_epoch)]})
+    assert starts == [1]  # resumed at the second epoch, not from scratch
+    with open(out / "results.csv", newline="") as f:
+        assert [int(float(r["epoch"])) for r in csv.DictReader(f)] == [1, 2]
+    assert result.epochs == 2
+    model = load_ckpt_model(result.best)
+    assert shapes(model) == shapes(load_model(pruned))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(YoloPruneError, match="already finished"):
+        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True)
+
+
+def test_ddp_script_rebuilds_the_pruned_model(tmp_path, pruned, dataset):
+    pytest.importorskip("cloudpickle", reason="Ultralytics' DDP launcher pickles its trainer with cloudpickle")
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+    from ultralytics.utils.patches import torch_load
+
+    trainer = PrunedDetectionTrainer(overrides={
+        "model": str(pruned), "data": str(dataset), "epochs": 1, "imgsz": IMGSZ, "batch": 4, "device": "cpu",
+        "project": str(tmp_path), "name": "ddp", "exist_ok": True, "plots": False, "workers": 0,
+    })
+    assert not any(_is_integration(f) for fns in trainer.callbacks.values() for f in fns)
+    file = generate_ddp_file(trainer)
+    try:
+        script = Path(file).read_text()
+        state = torch_load(Path(file).with_suffix(".pt"), map_location="cpu")
+        assert state["trainer"] is PrunedDetectionTrainer  # pickled by reference: yoloprune.finetune, importable
+        assert state["model"] == str(pruned)  # a path, loaded afresh in the worker; not an in-memory module
+        launch = 'trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])'
+        assert launch in script and "trainer.train()" in script
+        # Run the worker script as a DDP worker would, but build the model instead of training.
+        probe = (
+            "trainer.setup_model()\n"
+            "    import json\n"
+            "    print('SHAPES', json.dumps({k: list(v.shape) for k, v in trainer.model.state_dict().items()"
+            " if v.dim()}))"
+        )
+        worker = tmp_path / "worker.py"
+        worker.write_text(script.replace("trainer.train()", probe))
+        out = subprocess.run([sys.executable, str(worker)], env=ENV, capture_output=True, text=True, timeout=120,
+                             check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SHAPES "))
+        rebuilt = json.loads(line[len("SHAPES "):])
+    finally:
+        ddp_cleanup(trainer, file)
+    assert rebuilt == shapes(load_model(pruned))
+    assert rebuilt != shapes(unpruned())
+
+
+def test_match_dataset_resizes_only_the_class_outputs():
+    model = load_model("yolov8n.yaml")  # 80 classes
+    before = shapes(model)
+    match_dataset(model, {"nc": 6})
+    after = shapes(model)
+    head = model.model[-1]
+    resized = {k for k in before if before[k] != after[k]}
+    assert resized == {f"model.22.cv3.{i}.2.{p}" for i in range(3) for p in ("weight", "bias")}
+    assert all(after[f"model.22.cv3.{i}.2.weight"][0] == 6 for i in range(3))
+    assert head.nc == 6 and head.no == 6 + 16 * 4
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, IMGSZ, IMGSZ))
+    assert (y[0] if isinstance(y, (list, tuple)) else y).shape[1] == 4 + 6
+
+
+def test_finetune_input_errors(tmp_path, pruned, dataset):
+    with pytest.raises(YoloPruneError, match="not a model yaml"):
+        finetune("yolov8n.yaml", dataset, epochs=1)
+    with pytest.raises(YoloPruneError, match="pretrained"):
+        finetune(pruned, dataset, epochs=1, pretrained=False)
+    with pytest.raises(YoloPruneError, match="lr00"):
+        finetune(pruned, dataset, epochs=1, lr00=0.1)
+    with pytest.raises(YoloPruneError, match="epochs"):
+        finetune(pruned, dataset, epochs=0)
+    with pytest.raises(YoloPruneError, match="no such file"):
+        finetune(pruned, tmp_path / "missing.yaml", epochs=1)
+    with pytest.raises(YoloPruneError, match="no checkpoint to resume"):
+        finetune(pruned, dataset, epochs=1, out_dir=tmp_path / "fresh", resume=True)
+    with pytest.raises(YoloPruneError, match="unknown callback event"):
+        finetune(pruned, dataset, epochs=1, callbacks={"on_epoch_end": [print]})
