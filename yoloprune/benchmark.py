@@ -166,7 +166,9 @@ def resolve_device(device: str | int) -> torch.device:
 
 def time_calls(run: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
     """Return the wall time in ms of each of ``iters`` calls of ``run``, after ``warmup`` untimed calls."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA kernels run asynchronously
+    # GPU kernels run asynchronously: wait for them, or the time is that of queueing them.
+    sync = {"cuda": lambda: torch.cuda.synchronize(device), "mps": lambda: torch.mps.synchronize()}.get(
+        device.type, lambda: None)
     for _ in range(warmup):
         run()
     sync()
@@ -217,13 +219,19 @@ def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: to
 RUNTIMES = {"torch": _torch_runtime, "onnx": _onnx_runtime}
 
 
+def onnx_cache_path(model_path: str | Path, imgsz: int, batch: int = 1, half: bool = False) -> Path:
+    """Return where the onnx runtime looks for the export of ``model_path``: ``model_640_b1.onnx`` beside it."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}_{imgsz}_b{batch}{'_fp16' if half else ''}.onnx")
+
+
 def cached_onnx(model_path: Path, imgsz: int, batch: int, half: bool) -> Path:
-    """Return the ONNX export of ``model_path`` for these settings, exporting it beside the checkpoint if missing or stale."""
+    """Return the ONNX file of ``model_path`` for these settings, exported beside it if missing or older than it."""
     from yoloprune.export import ExportConfig, export_model
 
     if model_path.suffix != ".pt":
         raise YoloPruneError(f"{model_path}: runtime 'onnx' needs a .pt checkpoint to export; save the model first")
-    onnx_path = model_path.with_name(f"{model_path.stem}_{imgsz}_b{batch}{'_fp16' if half else ''}.onnx")
+    onnx_path = onnx_cache_path(model_path, imgsz, batch, half)
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= model_path.stat().st_mtime:
         return onnx_path
     LOGGER.info("exporting %s to %s for the onnx runtime", model_path, onnx_path)
@@ -236,7 +244,9 @@ def accuracy(artifact: Path, cfg: BenchmarkConfig, device: torch.device) -> dict
     from ultralytics import YOLO
 
     ul_device = "cpu" if device.type == "cpu" else "mps" if device.type == "mps" else str(device.index or 0)
-    with tempfile.TemporaryDirectory(prefix="yoloprune-val-") as project:  # keep runs/ out of the user's folder
+    from yoloprune.export import torch_threads_kept
+
+    with torch_threads_kept(), tempfile.TemporaryDirectory(prefix="yoloprune-val-") as project:  # runs/ stays out
         metrics = YOLO(str(artifact)).val(
             data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, plots=False, device=ul_device,
             quantize=16 if cfg.half else None, project=project, name="val", verbose=False,
@@ -265,6 +275,8 @@ def machine_info(device: torch.device) -> dict:
         pass
     if hasattr(os, "sched_getaffinity"):
         info["cores_available"] = len(os.sched_getaffinity(0))  # what a container or taskset leaves this process
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m"] = os.getloadavg()[0]  # other work on the machine while measuring skews timings
     if device.type == "cuda":
         info["gpu"] = get_gpu_info(device.index or 0)
     return info

@@ -13,7 +13,9 @@ YOLO26 heads carry two branches. Ultralytics 8.4 exports the one-to-many branch
 one-to-one branch; the report's ``branch`` names the one in the file.
 
 The parity check runs the written ONNX file in ONNX Runtime and the unfused PyTorch
-checkpoint on the same random images and compares every output.
+checkpoint on the same random images and compares every output; NMS-free top-k rows
+are checked against the predictions they were picked from, since near-equal scores
+may come out in either order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,14 +85,17 @@ class ExportConfig:
         def bad(msg: str) -> None:
             raise YoloPruneError(msg)
 
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         if self.format not in FORMATS:
             bad(f"format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
-        if not isinstance(self.imgsz, int) or isinstance(self.imgsz, bool) or self.imgsz <= 0 or self.imgsz % 32:
+        if not is_int(self.imgsz) or self.imgsz <= 0 or self.imgsz % 32:
             nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
             bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch <= 0:
+        if not is_int(self.batch) or self.batch <= 0:
             bad(f"batch must be a positive integer, got {self.batch!r}")
-        if self.opset is not None and (not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset < 11):
+        if self.opset is not None and (not is_int(self.opset) or self.opset < 11):
             bad(f"opset must be an integer >= 11 or None (newest supported), got {self.opset!r}")
         if self.nms not in (None, False, True):
             bad(f"nms must be None (raw outputs), False (NMS-free head) or True (NMS in the graph), got {self.nms!r}")
@@ -135,10 +142,13 @@ def missing_packages(fmt: str, simplify: bool = False) -> list[str]:
     return [PIP.get(name, name) for name in needed if importlib.util.find_spec(name) is None]
 
 
-def export_model(model_path: str | Path, cfg: ExportConfig | None = None, out: str | Path | None = None) -> ExportReport:
+def export_model(
+    model_path: str | Path, cfg: ExportConfig | None = None, out: str | Path | None = None
+) -> ExportReport:
     """Export the checkpoint ``model_path`` as ``cfg`` says; return the report.
 
-    The file lands at ``out``, or beside the checkpoint under Ultralytics' name
+    The file lands at ``out`` (into it, if ``out`` is an existing folder and the
+    format writes a file), or beside the checkpoint under Ultralytics' name
     (``model.onnx``, ``model.torchscript``, ``model_openvino_model/``). It appears
     only once complete and, for ONNX, only once its parity check passed.
     """
@@ -146,20 +156,30 @@ def export_model(model_path: str | Path, cfg: ExportConfig | None = None, out: s
     t0 = time.perf_counter()
     source = Path(model_path)
     if source.suffix != ".pt" or not source.is_file():
-        raise YoloPruneError(f"{model_path}: not a .pt checkpoint file; export a model saved by yoloprune or Ultralytics")
+        raise YoloPruneError(f"{model_path}: not a .pt checkpoint file; export a model saved by yoloprune "
+                             "or Ultralytics")
     missing = missing_packages(cfg.format, cfg.simplify)
     if missing:  # checked here: Ultralytics would try to pip-install them, which fails offline
         raise YoloPruneError(f"{cfg.format} export needs {', '.join(m.split('>')[0] for m in missing)}, which is not "
                              f"installed; run: pip install {' '.join(repr(m) if '>' in m else m for m in missing)}")
     if cfg.format == "onnx" and cfg.check and importlib.util.find_spec("onnxruntime") is None:
-        raise YoloPruneError("the ONNX parity check needs onnxruntime; run: pip install onnxruntime, or pass check=False")
-
+        raise YoloPruneError("the ONNX parity check needs onnxruntime; run: pip install onnxruntime, "
+                             "or pass check=False")
     from ultralytics import YOLO
 
-    yolo = YOLO(str(source))
+    from yoloprune.io import load_model
+
+    reference = load_model(source)  # checks the file is a supported YOLO model before Ultralytics unpickles it
+    with torch_threads_kept():
+        return _export(YOLO(str(source)), source, reference, cfg, out, t0)
+
+
+def _export(yolo, source: Path, reference: nn.Module, cfg: ExportConfig, out: str | Path | None, t0: float
+            ) -> ExportReport:
     head_state: dict = {}
     yolo.add_callback("on_export_start", lambda exporter: head_state.update(_export_state(exporter)))
-    dest_dir = Path(out).parent if out is not None else source.parent
+    into = out is not None and Path(out).is_dir() and cfg.format != "openvino"  # openvino writes a folder itself
+    dest_dir = Path(out) if into else Path(out).parent if out is not None else source.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{source.stem}.export-", dir=dest_dir))  # same filesystem: os.replace
     try:
@@ -187,14 +207,14 @@ def export_model(model_path: str | Path, cfg: ExportConfig | None = None, out: s
             opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
             if cfg.check:
                 tol = cfg.max_error
-                max_abs, max_rel = onnx_parity(source, written, cfg.imgsz, cfg.batch, head)
+                max_abs, max_rel = onnx_parity(reference, written, cfg.imgsz, cfg.batch, head)
                 if not max_rel <= tol:  # also catches NaN
                     raise YoloPruneError(
                         f"ONNX parity check failed for {source}: max error {max_rel:.3g} of the output scale "
                         f"(abs {max_abs:.3g}) exceeds the tolerance {tol:g}; the export does not compute what the "
                         "PyTorch model computes; try another opset or simplify=False, and report it"
                     )
-        dest = Path(out) if out is not None else dest_dir / written.name
+        dest = Path(out) if out is not None and not into else dest_dir / written.name
         _replace(written, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -223,6 +243,21 @@ def export_model(model_path: str | Path, cfg: ExportConfig | None = None, out: s
 EXPORT_ATTRS = ("export", "format", "dynamic", "max_det", "agnostic_nms", "xyxy")
 
 
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's CPU thread count on exit.
+
+    Ultralytics' ``select_device("cpu")`` (run by its exporter, validator and
+    predictor) sets it to ``os.cpu_count() - 1`` for the whole process: 1 on a 2-core
+    machine, halving the speed of everything that follows.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _export_state(exporter) -> dict:
     head = exporter.model.model[-1]
     state = {a: getattr(head, a) for a in EXPORT_ATTRS if hasattr(head, a)}
@@ -233,33 +268,43 @@ def _export_state(exporter) -> dict:
 
 
 def onnx_parity(
-    model_path: Path, onnx_path: Path, imgsz: int, batch: int, head_state: dict, seed: int = 0
+    model: nn.Module, onnx_path: Path, imgsz: int, batch: int, head_state: dict, *, seed: int = 0
 ) -> tuple[float, float]:
-    """Return the (max abs, max relative-to-scale) difference of ONNX Runtime and PyTorch on random images."""
+    """Return the (max abs, max relative-to-scale) difference of ONNX Runtime and ``model`` on random images.
+
+    ``model`` is the unfused PyTorch model; ``head_state`` holds the head settings the
+    exporter used (see ``_export_state``), applied to ``model`` in place.
+    """
     import onnxruntime as ort
 
-    from yoloprune.io import load_model
-
-    model = load_model(model_path).eval()
+    model.eval()
     _set_export_mode(model, head_state)
+    end2end = head_state.get("end2end", False)
+    head = model.model[-1]
+    feats: list = []
+    hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0]))
     x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode():
-        ref = [t.float().numpy() for t in _flat(model(x))]
+    try:
+        with torch.inference_mode():
+            ref = [t.float().numpy() for t in _flat(model(x))]
+            if end2end:  # the one-to-one predictions the top-k rows are picked from: (B, anchors, 4 + nc + extra)
+                table = head._inference(head.forward_head(feats[0], **head.one2one)).permute(0, 2, 1).double().numpy()
+    finally:
+        hook.remove()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=True)):
         raise YoloPruneError(
-            f"ONNX parity check failed for {model_path}: ONNX outputs {[g.shape for g in got]} do not match "
+            f"ONNX parity check failed for {onnx_path}: ONNX outputs {[g.shape for g in got]} do not match "
             f"PyTorch outputs {[r.shape for r in ref]}; report it with the command that exported the model"
         )
-    end2end = head_state.get("end2end", False)
     max_abs = max_rel = 0.0
-    for i, (g, r) in enumerate(zip(got, ref)):
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         if end2end and i == 0:  # top-k rows: near-equal scores may come out in either order
-            err = _matched_rows_error(g.astype(np.float64), r.astype(np.float64))
+            err = _topk_rows_error(g.astype(np.float64), table, head.nc)
         else:
             err = float(np.abs(g.astype(np.float64) - r).max())
         scale = float(np.abs(r).max())
@@ -268,22 +313,29 @@ def onnx_parity(
     return max_abs, max_rel
 
 
-def _matched_rows_error(got: np.ndarray, ref: np.ndarray, margin: float = 1e-4) -> float:
-    """Return the max abs difference of top-k detection rows, each matched to its nearest row of the same class.
+def _topk_rows_error(got: np.ndarray, table: np.ndarray, nc: int) -> float:
+    """Return the max abs error of NMS-free top-k rows against the predictions they were picked from.
 
-    Rows are ``[x1, y1, x2, y2, score, class, extra...]`` sorted by score; two scores a
-    rounding error apart may swap places, or swap in and out at the k-th place, so rows
-    are matched rather than compared by position, and rows whose score is within
-    ``margin`` of the k-th score are not required to have a match.
+    ``got`` holds rows ``[x1, y1, x2, y2, score, class, extra...]`` per image; ``table``
+    the one-to-one predictions ``[x1, y1, x2, y2, class scores..., extra...]`` per anchor.
+    Scores a rounding error apart may come out in either order, or swap in and out at
+    the k-th place, so rows are not compared by position: each row must equal some
+    anchor's box, class score and extras, and the rows' scores, sorted, must be the k
+    highest scores of the table.
     """
     worst = 0.0
-    for g, r in zip(got, ref):  # per image
-        for a, b in ((g, r), (r, g)):
-            floor = b[:, 4].min() + margin
-            for row in a[a[:, 4] > floor]:
-                same = b[b[:, 5] == row[5]]
-                dist = np.abs(same - row).max(axis=1).min() if len(same) else np.inf
-                worst = max(worst, float(dist))
+    for rows, t in zip(got, table, strict=True):  # per image
+        boxes, scores, extra = t[:, :4], t[:, 4 : 4 + nc], t[:, 4 + nc :]
+        for row in rows:
+            c = int(row[5])
+            if c != row[5] or not 0 <= c < nc:
+                return float("inf")
+            dist = np.maximum(np.abs(boxes - row[:4]).max(axis=1), np.abs(scores[:, c] - row[4]))
+            if extra.shape[1]:
+                dist = np.maximum(dist, np.abs(extra - row[6:]).max(axis=1))
+            worst = max(worst, float(dist.min()))
+        top = np.sort(scores, axis=None)[-len(rows) :]
+        worst = max(worst, float(np.abs(np.sort(rows[:, 4]) - top).max()))
     return worst
 
 

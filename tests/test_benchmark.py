@@ -1,0 +1,190 @@
+"""Benchmark: reports hold sane, JSON-ready numbers, and compare() states what pruning bought."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import live_model
+
+from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table, resolve_device
+from yoloprune.errors import YoloPruneError
+from yoloprune.io import load_model, save_model
+from yoloprune.macs import MacCounter
+from yoloprune.prune import PruneConfig, deployed_branch, prune_model
+
+IMGSZ = 128
+FAST = {"imgsz": IMGSZ, "warmup": 2, "iters": 5, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def v8(tmp_path_factory) -> dict[str, Path]:
+    """Saved yolov8n checkpoints: base and pruned to 2x MACs at imgsz 128."""
+    root = tmp_path_factory.mktemp("v8")
+    model = live_model("yolov8n.yaml")
+    base = save_model(model, root / "base" / "yolov8n.pt")
+    prune_model(model, PruneConfig(speed_up=2.0, imgsz=IMGSZ), progress=False)
+    return {"base": base, "pruned": save_model(model, root / "pruned" / "yolov8n.pt")}
+
+
+@pytest.fixture(scope="module")
+def reports(v8) -> dict[str, dict]:
+    return {k: benchmark(p, **FAST) for k, p in v8.items()}
+
+
+def test_torch_report_has_sane_json_ready_values(v8):
+    report = benchmark(v8["base"], imgsz=IMGSZ, batch=2, warmup=1, iters=6, threads=1)
+    json.dumps(report, allow_nan=False)  # floats, ints, strings only
+    assert (report["imgsz"], report["batch"], report["threads"], report["iters"]) == (IMGSZ, 2, 1, 6)
+    assert (report["runtime"], report["device"], report["half"], report["branch"]) == ("torch", "cpu", False, "single")
+    assert 0 < report["latency_min_ms"] <= report["latency_median_ms"] <= report["latency_p90_ms"]
+    assert report["latency_mean_ms"] > 0 and report["latency_std_ms"] >= 0
+    assert math.isclose(report["fps"], 2 * 1000 / report["latency_median_ms"])
+    model = load_model(v8["base"])
+    assert report["macs"] == MacCounter(model, IMGSZ)() > 0  # per image, not per batch
+    assert math.isclose(report["gflops"], 2 * report["macs"] / 1e9)
+    assert report["params"] == report["params_total"] == sum(p.numel() for p in model.parameters())
+    assert math.isclose(report["file_mb"], os.path.getsize(v8["base"]) / 2**20)
+    assert report["machine"]["cores_logical"] >= 1 and report["machine"]["cpu"] and report["machine"]["platform"]
+    assert {"torch", "ultralytics", "yoloprune", "torch_pruning"} <= set(report["versions"])
+
+
+def test_thread_count_is_restored(v8):
+    before = torch.get_num_threads()
+    report = benchmark(v8["base"], imgsz=IMGSZ, warmup=0, iters=1, threads=1 if before != 1 else 2)
+    assert report["threads"] != before
+    assert torch.get_num_threads() == before
+
+
+def test_yolo26_counts_only_the_deployed_branch(tmp_path):
+    model = live_model("yolo26n.yaml")
+    pt = save_model(model, tmp_path / "yolo26n.pt")
+    report = benchmark(pt, imgsz=IMGSZ, warmup=0, iters=1, threads=1)
+    branch, unused = deployed_branch(model)
+    assert report["branch"] == branch == "one2many"
+    assert report["macs"] == MacCounter(model, IMGSZ, exclude=set(unused))()
+    assert report["params"] == report["params_total"] - sum(p.numel() for m in unused for p in m.parameters())
+
+
+def test_onnx_runtime_exports_once_beside_the_checkpoint(v8):
+    report = benchmark(v8["pruned"], runtime="onnx", **FAST)
+    cached = v8["pruned"].with_name(f"yolov8n_{IMGSZ}_b1.onnx")
+    assert report["file"] == str(cached) and cached.is_file()
+    assert math.isclose(report["file_mb"], cached.stat().st_size / 2**20)
+    assert report["latency_median_ms"] > 0 and "onnxruntime" in report["versions"]
+    stamp = cached.stat().st_mtime_ns
+    again = benchmark(v8["pruned"], runtime="onnx", **FAST)
+    assert cached.stat().st_mtime_ns == stamp  # reused, not re-exported
+    assert again["macs"] == report["macs"]
+
+
+def test_compare_gives_ratios_and_a_table(reports):
+    base, pruned = reports["base"], reports["pruned"]
+    cmp = compare(base, pruned)
+    json.dumps(cmp, allow_nan=False)
+    assert cmp["metrics"]["macs"]["pruned"] < cmp["metrics"]["macs"]["base"]
+    assert abs(cmp["macs_speed_up"] - 2.0) <= 2.0 * 0.02  # PruneConfig's tolerance, same imgsz and branch
+    assert 0 < cmp["params_ratio"] < 1
+    assert math.isclose(cmp["latency_speed_up"], base["latency_median_ms"] / pruned["latency_median_ms"])
+    assert math.isclose(cmp["fps_ratio"], pruned["fps"] / base["fps"])
+    assert math.isclose(cmp["metrics"]["params"]["ratio"], pruned["params"] / base["params"])
+    assert "map50_95_retention_pct" not in cmp  # no data given
+    table = format_table(cmp)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| metric | base | pruned | change |"
+    assert any(r.startswith("| GMACs |") and "x fewer" in r for r in rows)
+    assert any(r.startswith("| latency median (ms) |") and "x faster" in r for r in rows)
+    assert f"imgsz {IMGSZ}, batch 1, torch on cpu, threads 1" in table
+
+
+def test_compare_reports_accuracy_retention():
+    base = {"imgsz": 640, "batch": 1, "runtime": "onnx", "device": "cpu", "half": False, "threads": 2,
+            "params": 100, "macs": 1000, "latency_median_ms": 10.0, "fps": 100.0, "map50": 0.5, "map50_95": 0.4}
+    pruned = dict(base, params=50, macs=500, latency_median_ms=8.0, fps=125.0, map50=0.49, map50_95=0.38)
+    cmp = compare(base, pruned)
+    assert math.isclose(cmp["map50_95_retention_pct"], 95.0) and math.isclose(cmp["map50_retention_pct"], 98.0)
+    headline = (cmp["macs_speed_up"], cmp["latency_speed_up"], cmp["fps_ratio"], cmp["params_ratio"])
+    assert headline == (2.0, 1.25, 1.25, 0.5)
+    assert "| mAP50-95 | 0.4 | 0.38 | 95.0% retained |" in format_table(cmp)
+    zero = compare(dict(base, map50_95=0.0), pruned)  # an untrained base: retention is undefined, not infinite
+    assert "map50_95_retention_pct" not in zero and "ratio" not in zero["metrics"]["map50_95"]
+
+
+def test_compare_refuses_reports_measured_differently(reports):
+    with pytest.raises(YoloPruneError, match=r"different settings.*imgsz 128 vs 256"):
+        compare(reports["base"], dict(reports["pruned"], imgsz=256))
+
+
+@pytest.mark.parametrize("device", ["0", "cuda:0", "cuda"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists here")
+def test_missing_cuda_device_is_a_clear_error(v8, device):
+    with pytest.raises(YoloPruneError, match=f"device '{device}' does not exist.*use device='cpu'"):
+        benchmark(v8["base"], device=device, **FAST)
+
+
+def test_device_index_beyond_the_visible_ones_is_an_error():
+    with pytest.raises(YoloPruneError, match="device 'cuda:99' does not exist"):
+        resolve_device("cuda:99")
+    with pytest.raises(YoloPruneError, match="not a device name"):
+        resolve_device("gpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"runtime": "tensorrt"}, "runtime must be one of torch, onnx"),
+        ({"imgsz": 100}, "use 96"),
+        ({"iters": 0}, "iters must be a positive integer"),
+        ({"threads": 0}, "threads must be a positive integer"),
+        ({"data": "nowhere/data.yaml"}, "no such file; pass a local data.yaml"),
+        ({"half": True}, "half=True with the torch runtime needs a CUDA device"),
+        ({"imgsize": 320}, "unknown benchmark setting.*the settings are imgsz, batch"),
+    ],
+)
+def test_invalid_settings_are_clear_errors(v8, kwargs, message):
+    with pytest.raises(YoloPruneError, match=message):
+        benchmark(v8["base"], **kwargs)
+
+
+def test_onnx_runtime_needs_a_checkpoint_to_export():
+    with pytest.raises(YoloPruneError, match=r"runtime 'onnx' needs a \.pt checkpoint"):
+        benchmark("yolov8n.yaml", runtime="onnx", **FAST)
+
+
+def write_dataset(root: Path, n: int = 4) -> Path:
+    """Write a tiny detection dataset (random images, one box each) and return its data.yaml."""
+    rng = np.random.default_rng(0)
+    for split in ("images", "labels"):
+        (root / split / "val").mkdir(parents=True)
+    for i in range(n):
+        cv2.imwrite(str(root / "images" / "val" / f"{i}.jpg"), rng.integers(0, 255, (IMGSZ, IMGSZ, 3), dtype=np.uint8))
+        (root / "labels" / "val" / f"{i}.txt").write_text(f"{i % 80} 0.5 0.5 0.4 0.3\n")
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/val", "val": "images/val",
+                                    "names": {i: f"c{i}" for i in range(80)}}))
+    return data
+
+
+def test_accuracy_is_measured_with_the_ultralytics_validator(v8, tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    report = benchmark(v8["pruned"], data=str(data), batch=2, **FAST)
+    assert torch.get_num_threads() == threads  # the validator's select_device("cpu") would change it
+    assert 0 <= report["map50_95"] <= report["map50"] <= 1  # an untrained model scores near 0; the keys are what count
+    json.dumps(report, allow_nan=False)
+    assert not (tmp_path / "runs").exists()  # the validator's output folder is a temporary one
+
+
+def test_config_defaults_are_the_documented_ones():
+    cfg = BenchmarkConfig()
+    assert (cfg.imgsz, cfg.batch, cfg.device, cfg.warmup, cfg.iters, cfg.threads, cfg.half, cfg.runtime, cfg.data) == (
+        640, 1, "cpu", 10, 100, None, False, "torch", None)
