@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from yoloprune.errors import YoloPruneError
+from yoloprune.errors import YoloPruneError, check_imgsz
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -52,9 +52,7 @@ class BenchmarkConfig:
         def positive_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-        if not positive_int(self.imgsz) or self.imgsz % 32:
-            nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
-            bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
+        check_imgsz(self.imgsz)
         if not positive_int(self.batch):
             bad(f"batch must be a positive integer, got {self.batch!r}")
         if not (isinstance(self.warmup, int) and self.warmup >= 0):

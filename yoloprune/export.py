@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from yoloprune.errors import YoloPruneError
+from yoloprune.errors import YoloPruneError, check_imgsz
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -90,9 +90,7 @@ class ExportConfig:
 
         if self.format not in FORMATS:
             bad(f"format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
-        if not is_int(self.imgsz) or self.imgsz <= 0 or self.imgsz % 32:
-            nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
-            bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
+        check_imgsz(self.imgsz)
         if not is_int(self.batch) or self.batch <= 0:
             bad(f"batch must be a positive integer, got {self.batch!r}")
         if self.opset is not None and (not is_int(self.opset) or self.opset < 11):

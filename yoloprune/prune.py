@@ -23,7 +23,7 @@ from ultralytics.nn.modules import Conv, Detect
 from ultralytics.nn.modules.block import Proto
 
 from yoloprune.convert import convert_model
-from yoloprune.errors import YoloPruneError
+from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import get_method
 from yoloprune.macs import MacCounter, count_params
 from yoloprune.modules import AttentionV2
@@ -61,9 +61,7 @@ class PruneConfig:
             bad(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
         if not 0 < self.max_layer_ratio < 1:
             bad(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio!r}")
-        if not isinstance(self.imgsz, int) or self.imgsz <= 0 or self.imgsz % 32:
-            nearest = max(32, round(self.imgsz / 32) * 32) if isinstance(self.imgsz, (int, float)) else 640
-            bad(f"imgsz must be a positive multiple of the model stride 32, got {self.imgsz!r}; use {nearest}")
+        check_imgsz(self.imgsz)
         if self.branch not in BRANCHES:
             bad(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}")
 
