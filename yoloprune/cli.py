@@ -36,6 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model to a target speed-up, save it and optionally write a JSON report."""
+    from yoloprune.data import check_data_yaml
     from yoloprune.io import load_model, save_model, write_json
     from yoloprune.prune import PruneConfig, prune_model
 
@@ -48,21 +49,124 @@ def cmd_prune(args: argparse.Namespace) -> int:
         max_layer_ratio=args.max_layer_ratio,
         imgsz=args.imgsz,
     )
+    out = Path(args.output) if args.output else _default_out(args.model, "pruned")
+    if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
+        check_data_yaml(args.data)  # before minutes of pruning, not after
     model = load_model(args.model)
     report = prune_model(model, cfg, progress=not args.quiet).to_dict()
-    out = args.output or _default_out(args.model, "pruned")
     report.update(source=str(args.model), output=str(out))
+    print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
+          f"({report['speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
+          f"params) in {report['seconds']:.1f}s")
+    if args.data:
+        run_dir = Path(args.project) / out.stem
+        pruned = save_model(model, run_dir / "pruned.pt", report)  # fine-tuning reads a checkpoint file
+        result = _finetune(pruned, args, run_dir / "finetune", resume=False)
+        report["finetune"] = {"epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95,
+                              "run": str(result.save_dir)}
+        model = load_model(result.best)
     save_model(model, out, report)
     if args.report:
         write_json(report, args.report)
-    print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
-          f"({report['speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
-          f"params) in {report['seconds']:.1f}s -> {out}")
+    print(f"saved -> {out}")
+    return 0
+
+
+def _finetune(model: Path, args: argparse.Namespace, out_dir: Path, resume: bool):
+    from yoloprune.finetune import finetune
+
+    result = finetune(model, args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
+                      device=str(args.device), out_dir=out_dir, resume=resume, workers=args.workers)
+    print(f"fine-tuned {result.epochs} epochs: mAP50 {_fmt(result.map50)}, mAP50-95 {_fmt(result.map50_95)} "
+          f"(run: {result.save_dir})")
+    return result
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pruned checkpoint with the Ultralytics trainer; save the best weights (fp32)."""
+    from yoloprune.io import load_model, save_model
+
+    out = Path(args.output) if args.output else _default_out(args.model, "finetuned")
+    run_dir = Path(args.project) / out.stem
+    result = _finetune(Path(args.model), args, run_dir, resume=args.resume)
+    save_model(load_model(result.best), out, {"source": str(args.model), "epochs": result.epochs,
+                                              "map50": result.map50, "map50_95": result.map50_95})
+    print(f"saved -> {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint through the Ultralytics exporter, with the ONNX parity check."""
+    from yoloprune.export import ExportConfig, export_model
+    from yoloprune.io import write_json
+
+    cfg = ExportConfig(format=args.format, imgsz=args.imgsz, batch=args.batch, opset=args.opset,
+                       dynamic=args.dynamic, half=args.half, simplify=args.simplify, check=args.check)
+    report = export_model(args.model, cfg, out=args.output).to_dict()
+    if args.report:
+        write_json(report, args.report)
+    parity = ("" if report["max_rel_error"] is None
+              else f", parity {report['max_rel_error']:.2e} of output scale (tolerance {report['tolerance']:g})")
+    print(f"exported {args.model} -> {report['path']} ({report['size_mb']:.1f} MB{parity})")
+    return 0
+
+
+def _square(imgs: list[int]) -> int:
+    h, w = imgs
+    if h != w:
+        raise YoloPruneError(f"--imgs {h} {w}: only square inputs are timed; use --imgs {max(h, w)} {max(h, w)}")
+    return h
+
+
+def cmd_fps(args: argparse.Namespace) -> int:
+    """Time a checkpoint's forward pass: latency median/p90 and FPS (the seed tool's get_fps)."""
+    from yoloprune.benchmark import benchmark
+    from yoloprune.io import write_json
+
+    report = benchmark(args.weights, imgsz=_square(args.imgs), batch=args.batch, device=str(args.device),
+                       iters=args.testtime, warmup=args.warmup, half=args.half, runtime=args.runtime,
+                       threads=args.threads, data=args.data)
+    if args.report:
+        write_json(report, args.report)
+    acc = "".join(f", {k} {report[k]:.4f}" for k in ("map50", "map50_95") if k in report)
+    print(f"{args.weights} ({report['runtime']}, {report['device']}, batch {report['batch']}, imgsz "
+          f"{report['imgsz']}, {report['threads']} threads): latency median {report['latency_median_ms']:.2f} ms, "
+          f"p90 {report['latency_p90_ms']:.2f} ms, {report['fps']:.1f} FPS, {report['gflops']:.2f} GFLOPs{acc}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Benchmark a base and a pruned checkpoint under the same settings; print and save the comparison."""
+    from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table
+    from yoloprune.io import write_json
+
+    cfg = BenchmarkConfig(imgsz=args.imgsz, batch=args.batch, device=str(args.device), iters=args.iters,
+                          warmup=args.warmup, threads=args.threads, half=args.half, data=args.data)
+    result: dict = {"base": {}, "pruned": {}, "compare": {}}
+    for runtime in dict.fromkeys(args.runtime):  # each runtime once, in the order given
+        base = benchmark(args.base, cfg, runtime=runtime, data=args.data if not result["base"] else None)
+        pruned = benchmark(args.pruned, cfg, runtime=runtime, data=args.data if not result["pruned"] else None)
+        if args.data and result["base"]:  # accuracy is measured once; the same numbers hold for every runtime
+            first = next(iter(result["base"]))
+            for rep, saved in ((base, result["base"][first]), (pruned, result["pruned"][first])):
+                rep.update({k: saved[k] for k in ("map50", "map50_95", "top1", "top5") if k in saved})
+        result["base"][runtime], result["pruned"][runtime] = base, pruned
+        result["compare"][runtime] = cmp = compare(base, pruned)
+        print(f"\n{runtime}: {args.base} vs {args.pruned}\n{format_table(cmp)}")
+    if args.report:
+        write_json(result, args.report)
+        print(f"\nreport -> {args.report}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every verb."""
+    from yoloprune.benchmark import RUNTIMES
+    from yoloprune.export import FORMATS
     from yoloprune.importance import METHODS
 
     p = argparse.ArgumentParser(prog="yoloprune", description="Structured pruning for Ultralytics YOLO models.")
@@ -89,8 +193,73 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="output .pt (default: <model>-pruned.pt)")
     r.add_argument("--report", help="write a JSON report here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--data", help="data.yaml: fine-tune right after pruning (the seed tool's flow); -o is then "
+                                  "the fine-tuned model")
+    _training_args(r, epochs=10)
     r.set_defaults(func=cmd_prune)
+
+    f = sub.add_parser("finetune", help="recover accuracy: train the pruned network itself (Ultralytics trainer)")
+    f.add_argument("model", help="pruned .pt checkpoint")
+    f.add_argument("--data", required=True, help="data.yaml of your dataset")
+    f.add_argument("--imgsz", type=int, default=640, help="training image size (default 640)")
+    _training_args(f, epochs=10)
+    f.add_argument("--resume", action="store_true", help="continue the interrupted run of this output")
+    f.add_argument("-o", "--output", help="output .pt, the best epoch in fp32 (default: <model>-finetuned.pt)")
+    f.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("export", help="export through Ultralytics (ONNX with a parity check vs PyTorch)")
+    e.add_argument("model", help=".pt checkpoint")
+    e.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="output format (default onnx)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: Ultralytics' choice)")
+    e.add_argument("--imgsz", type=int, default=640, help="input size (default 640)")
+    e.add_argument("--batch", type=int, default=1, help="input batch (default 1)")
+    e.add_argument("--half", action="store_true", help="FP16 weights")
+    e.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
+    e.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True, help="slim the ONNX graph")
+    e.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="ONNX Runtime vs PyTorch parity check (default on)")
+    e.add_argument("-o", "--output", help="output file (default: beside the model, Ultralytics' name)")
+    e.add_argument("--report", help="write the export report (path, parity error, ...) as JSON")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("fps", help="time a model's forward pass: latency and FPS (the seed tool's get_fps)")
+    s.add_argument("weights", help=".pt checkpoint")
+    _timing_args(s, batch=32, warmup=10)
+    s.add_argument("--imgs", type=int, nargs=2, default=[640, 640], metavar=("H", "W"),
+                   help="input height and width (square; default 640 640)")
+    s.add_argument("--testtime", type=int, default=100, help="timed passes (default 100)")
+    s.add_argument("--runtime", default="torch", choices=sorted(RUNTIMES), help="torch (default) or onnx")
+    s.add_argument("--report", help="write the measurement as JSON")
+    s.set_defaults(func=cmd_fps)
+
+    b = sub.add_parser("benchmark", help="base vs pruned side by side: params, MACs, latency, FPS, mAP")
+    b.add_argument("base", help="base .pt checkpoint")
+    b.add_argument("pruned", help="pruned .pt checkpoint")
+    b.add_argument("--imgsz", type=int, default=640, help="input size (default 640)")
+    _timing_args(b, batch=1, warmup=10)
+    b.add_argument("--iters", type=int, default=100, help="timed passes per model and runtime (default 100)")
+    b.add_argument("--runtime", nargs="+", default=["onnx"], choices=sorted(RUNTIMES),
+                   help="runtimes to time, e.g. --runtime onnx torch (default onnx)")
+    b.add_argument("--report", help="write both reports and the comparison as JSON")
+    b.set_defaults(func=cmd_benchmark)
     return p
+
+
+def _training_args(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help=f"fine-tuning epochs (default {epochs})")
+    p.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, or 0,1,... for Ultralytics DDP (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="dataloader worker processes (default 0)")
+    p.add_argument("--project", default="runs/yoloprune", help="run folder parent (default runs/yoloprune)")
+
+
+def _timing_args(p: argparse.ArgumentParser, batch: int, warmup: int) -> None:
+    p.add_argument("--batch", type=int, default=batch, help=f"images per pass (default {batch})")
+    p.add_argument("--device", default="cpu", help="cpu, 0 / cuda:0, or mps (default cpu)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed passes first (default {warmup})")
+    p.add_argument("--half", action="store_true", help="FP16 (torch on CUDA, or an FP16 ONNX export)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's current setting)")
+    p.add_argument("--data", help="data.yaml: also measure mAP50 and mAP50-95 on its val split")
 
 
 def main(argv: list[str] | None = None) -> int:
