@@ -3,12 +3,15 @@
 import tempfile
 from pathlib import Path
 
+from yoloprune.data import check_data_yaml
+from yoloprune.errors import exit_on_error
 from yoloprune.finetune import finetune
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 
 OUT = Path("models/baseline.pt")
 
+exit_on_error()
 params = load_params()
 model, data = params["model"], data_yaml(params)
 if model.endswith(".pt"):
@@ -17,9 +20,11 @@ if model.endswith(".pt"):
 else:
     b = params["baseline"]
     with tempfile.TemporaryDirectory() as tmp:
-        init = save_model(load_model(model), Path(tmp) / "init.pt", {"source": model})
+        nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml
+        init = save_model(load_model(model, nc=nc), Path(tmp) / "init.pt", {"source": model})
+        # nbs=batch: one optimiser step per batch (Ultralytics' nbs=64 would step once per 64 images).
         result = finetune(init, data, epochs=b["epochs"], imgsz=params["imgsz"], batch=b["batch"],
-                          out_dir="runs/baseline")
+                          nbs=b["batch"], out_dir="runs/baseline")
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     write_json({"trained": True, "epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95},
                "metrics/baseline.json")

@@ -5,9 +5,11 @@ import copy
 import torch
 
 from yoloprune.convert import convert_model
+from yoloprune.errors import exit_on_error
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import load_params
 
+exit_on_error()
 params = load_params()
 model = load_model("models/baseline.pt").eval()
 original = copy.deepcopy(model).double()

@@ -3,13 +3,16 @@
 from pathlib import Path
 
 from yoloprune.data import make_dataset
+from yoloprune.errors import exit_on_error
 from yoloprune.params import SYNTHETIC, load_params
 
 OUT = Path("data/synthetic")
 
+exit_on_error()
 params = load_params()
 if params["data"] == SYNTHETIC:
     d = params["dataset"]
+    (OUT / "UNUSED").unlink(missing_ok=True)  # left by an earlier run on the user's data; the folder is ours
     make_dataset(OUT, n_train=d["n_train"], n_val=d["n_val"], imgsz=params["imgsz"], seed=d["seed"])
 else:  # the user's data.yaml is used as it is; this stage costs nothing
     OUT.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Stage export_onnx: export baseline and fine-tuned models to ONNX, checking parity with PyTorch."""
 
+from yoloprune.errors import exit_on_error
 from yoloprune.export import ExportConfig, export_model
 from yoloprune.io import write_json
 from yoloprune.params import load_params
 
+exit_on_error()
 params = load_params()
 cfg = ExportConfig(imgsz=params["imgsz"], opset=params["export"]["opset"])
 metrics = {}

@@ -5,12 +5,14 @@ from pathlib import Path
 import torch
 
 from yoloprune.benchmark import BenchmarkConfig, accuracy
+from yoloprune.errors import exit_on_error
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 from yoloprune.prune import PruneConfig, prune_model
 
 OUT = Path("models/pruned.pt")
 
+exit_on_error()
 params = load_params()
 p = params["prune"]
 cfg = PruneConfig(speed_up=params["speed_up"], method=params["method"], global_pruning=p["global_pruning"],

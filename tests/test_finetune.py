@@ -16,7 +16,14 @@ from torch import nn
 import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
 from yoloprune.data import make_dataset
 from yoloprune.errors import YoloPruneError
-from yoloprune.finetune import BEST_FP32, PrunedDetectionTrainer, _is_integration, finetune, match_dataset
+from yoloprune.finetune import (
+    BEST_FP32,
+    PrunedDetectionTrainer,
+    _is_integration,
+    can_resume,
+    finetune,
+    match_dataset,
+)
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter
 from yoloprune.prune import PruneConfig, prune_model
@@ -117,6 +124,13 @@ def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
     last = torch.load(out / "weights" / "last.pt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0 and last["optimizer"] is not None
     assert (out / "weights" / BEST_FP32).exists()  # the fp32 best survives the interruption
+    # a re-run (a DVC stage run again) may pick it up only with the same model bytes, data and settings
+    same = {"epochs": 2, "imgsz": IMGSZ, "batch": 4}
+    assert can_resume(out, pruned, dataset, **same)
+    assert not can_resume(out, pruned, dataset, **{**same, "epochs": 3})
+    other = tmp_path / "other.pt"
+    other.write_bytes(pruned.read_bytes() + b"\0")
+    assert not can_resume(out, other, dataset, **same)
 
     starts = []
     result = finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True,
@@ -124,7 +138,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
     assert starts == [1]  # resumed at the second epoch, not from scratch
     with open(out / "results.csv", newline="") as f:
         assert [int(float(r["epoch"])) for r in csv.DictReader(f)] == [1, 2]
-    assert result.epochs == 2
+    assert result.epochs == 2 and not can_resume(out, pruned, dataset, **same)  # finished: nothing to resume
     model = load_ckpt_model(result.best)
     assert shapes(model) == shapes(load_model(pruned))
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -154,7 +154,8 @@ def export_model(
     t0 = time.perf_counter()
     source = Path(model_path)
     if source.suffix != ".pt" or not source.is_file():
-        raise YoloPruneError(f"{model_path}: not a .pt checkpoint file; export a model saved by yoloprune "
+        why = "" if source.is_file() else " (a directory)" if source.is_dir() else " (no such file)"
+        raise YoloPruneError(f"{model_path}: not a .pt checkpoint file{why}; export a model saved by yoloprune "
                              "or Ultralytics")
     missing = missing_packages(cfg.format, cfg.simplify)
     if missing:  # checked here: Ultralytics would try to pip-install them, which fails offline

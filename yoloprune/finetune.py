@@ -23,6 +23,8 @@ Each run also:
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -43,7 +45,7 @@ from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.patches import torch_load
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.io import atomic_path, load_model
+from yoloprune.io import atomic_path, load_model, write_json
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -183,7 +185,8 @@ def match_dataset(model: nn.Module, data: dict) -> nn.Module:
     if not outs or not all(isinstance(seq[i], nn.Conv2d) and seq[i].out_channels == head.nc for seq, i in outs):
         raise YoloPruneError(f"the model has {head.nc} classes but the data has {nc}, and its {type(head).__name__} "
                              f"head's class outputs cannot be resized; prune a model trained with {nc} classes")
-    LOGGER.info("model has %d classes, data %d: replacing the class outputs (untrained)", head.nc, nc)
+    LOGGER.warning("the model has %d classes but the data has %d: its class outputs are replaced and start "
+                   "untrained (pass data with the model's %d classes to keep them)", head.nc, nc, head.nc)
     strides = getattr(head, "stride", None)
     for k, (seq, i) in enumerate(outs):
         old = seq[i]
@@ -317,8 +320,39 @@ def finetune(
         events[event].extend(fns)
 
     trainer = TRAINERS[task](overrides=args, _callbacks=events)
+    if not resume and RANK in {-1, 0}:
+        fingerprint = _fingerprint(model, data, {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides})
+        write_json(fingerprint, Path(trainer.save_dir) / SOURCE)
     trainer.train()
     return _result(trainer)
+
+
+SOURCE = "source.json"  # in a run folder: what the run started from, so a later call can tell it may resume it
+
+
+def _fingerprint(model: Path, data: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(model, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"model_sha256": digest.hexdigest(), "data": str(Path(data).resolve()), **settings}
+
+
+def can_resume(out_dir: str | Path, model: str | Path, data: str | Path, **settings: Any) -> bool:
+    """Return True if ``out_dir`` holds an unfinished run of this very model, data and settings.
+
+    For re-runs that should pick up where a killed run stopped (a DVC stage run again
+    after an interruption): the run folder must have a resumable ``last.pt`` and have
+    been started by ``finetune`` from a file with the same bytes, the same data yaml
+    and the same ``settings`` (epochs, imgsz, batch, ...). Anything else starts over.
+    """
+    out_dir = Path(out_dir)
+    try:
+        _check_resumable(out_dir / "weights" / "last.pt")
+        recorded = json.loads((out_dir / SOURCE).read_text())
+    except (YoloPruneError, OSError, ValueError):
+        return False
+    return recorded == json.loads(json.dumps(_fingerprint(Path(model), Path(data), settings)))
 
 
 def _check_resumable(last: Path) -> None:

@@ -7,11 +7,17 @@ refuses URLs and anything that is not a regular file before unpickling.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +39,31 @@ def _check_supported(model: nn.Module, source: str) -> nn.Module:
     return model
 
 
-def load_model(source: str | Path) -> nn.Module:
-    """Return the Ultralytics model in a ``.pt`` checkpoint, or built from a model yaml (random weights)."""
+def load_model(source: str | Path, nc: int | None = None) -> nn.Module:
+    """Return the Ultralytics model in a ``.pt`` checkpoint, or built from a model yaml (random weights).
+
+    ``nc`` builds a yaml model for that many classes (as training from a yaml on a
+    dataset does); it is ignored for checkpoints, whose class count is trained in.
+    """
     text = str(source)
     if "://" in text:
         raise YoloPruneError(f"{text}: URLs are not loaded (a checkpoint runs code when unpickled); download it, "
                              "check it, and pass the local file")
     path = Path(text)
     if path.suffix in {".yaml", ".yml"} and not path.exists():
-        return _from_yaml(text)
+        return _from_yaml(text, nc)
     if not path.exists():
         raise YoloPruneError(f"{text}: no such file; pass a YOLO .pt checkpoint or a model yaml such as yolo11n.yaml")
     if not path.is_file():
         raise YoloPruneError(f"{text}: is a directory, not a file; pass a YOLO .pt checkpoint")
     if path.suffix in {".yaml", ".yml"}:
-        return _from_yaml(text)
+        return _from_yaml(text, nc)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as e:  # pickle names a class this environment does not have
+        raise YoloPruneError(f"{text}: its model uses a module that cannot be imported here ({e}); "
+                             "install the package that defines it (or put it on PYTHONPATH), or re-save the model "
+                             "with standard Ultralytics modules") from e
     except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
         raise YoloPruneError(f"{text}: not a readable PyTorch checkpoint ({type(e).__name__}); "
                              "pass a .pt file saved by Ultralytics or yoloprune") from e
@@ -67,11 +81,14 @@ def load_model(source: str | Path) -> nn.Module:
     return model
 
 
-def _from_yaml(name: str) -> nn.Module:
+def _from_yaml(name: str, nc: int | None = None) -> nn.Module:
     from ultralytics import YOLO
 
     try:
-        model = YOLO(name, verbose=False).model
+        yolo = YOLO(name, verbose=False)
+        model = yolo.model
+        if nc is not None and nc != model.yaml.get("nc"):  # rebuilt, so the head's widths follow nc as in training
+            model = yolo.task_map[yolo.task]["model"](model.yaml, nc=nc, verbose=False)
     except NotImplementedError as e:  # a yaml of another family (RT-DETR, ...) that YOLO() cannot build
         raise YoloPruneError(f"{name}: this model family is not supported; yoloprune prunes {SUPPORTED}") from e
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
@@ -80,33 +97,99 @@ def _from_yaml(name: str) -> nn.Module:
     return _check_supported(model, name)
 
 
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<pid>.<random>.tmp" beside the file they become
+
+
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, else delete it.
 
     A reader (or a killed run) never sees a half-written file: the previous one stays
-    until the new one is complete.
+    until the new one is complete. While the block runs, SIGTERM raises ``SystemExit(143)``
+    as Ctrl-C raises ``KeyboardInterrupt``, so a terminated run deletes its temporary file
+    too. Only SIGKILL or a power cut can leave one behind; the next write of ``path``
+    deletes it once the process that wrote it is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _remove_stale_temps(path)
+    with _sigterm_raises():
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+            os.close(fd)
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    # Python can only set handlers in the main thread; a handler someone else set is theirs to keep.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # the shell's exit status for a signal; finally clauses run on the way out
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files of ``path`` whose writer was killed (SIGKILL) and no longer runs."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*" + TEMP_SUFFIX):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) > 0 and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _write(tmp: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``tmp`` and flush it to disk, so the rename that follows never exposes an empty file."""
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` through ``atomic_path``; return the path, or raise a one-line error."""
+    try:
+        with atomic_path(path) as tmp:
+            _write(tmp, data)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        fix = "free some disk space or write elsewhere" if full else "choose a writable output path (-o)"
+        raise YoloPruneError(f"{path}: cannot write ({e.strerror or e}); {fix}") from e
+    return Path(path)
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as indented JSON, atomically; return the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    return Path(path)
+    return _write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_model(model: nn.Module, path: str | Path, record: dict[str, Any] | None = None) -> Path:
@@ -137,9 +220,6 @@ def save_model(model: nn.Module, path: str | Path, record: dict[str, Any] | None
         "train_results": None,
         "yoloprune": record or {},
     }
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(ckpt, tmp)
-    except OSError as e:
-        raise YoloPruneError(f"{path}: cannot write ({e.strerror}); choose a writable output path with -o") from e
-    return Path(path)
+    buffer = BytesIO()  # serialised first, so a full disk is an OSError of one write, not a torch zip error
+    torch.save(ckpt, buffer)
+    return _write_atomic(path, buffer.getbuffer())

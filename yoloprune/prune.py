@@ -219,10 +219,15 @@ def prune_model(
     bar.close()
     model.zero_grad(set_to_none=True)
     achieved = base_macs / macs
-    if not reached or abs(achieved / cfg.speed_up - 1) > cfg.tolerance:
+    if not reached:
         raise YoloPruneError(
             f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
             f"round_to={cfg.round_to}: the best reachable is {achieved:.3f}x; lower the target or raise max_layer_ratio"
+        )
+    if achieved / cfg.speed_up - 1 > cfg.tolerance:  # one pruned group jumped past the target
+        raise YoloPruneError(
+            f"speed_up {cfg.speed_up:g} overshot: pruning one more channel group jumped to {achieved:.3f}x, more than "
+            f"{cfg.tolerance:.0%} past the target; prune in finer steps (raise iterative_steps or lower round_to)"
         )
     return PruneReport(
         base_macs=base_macs,
