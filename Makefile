@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-all clean
+.PHONY: setup run demo test test-all review clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Pull-request markdown: `dvc params diff` and `dvc metrics diff` of REV (default: the workspace) against BASE;
+# each a branch, tag, commit or experiment name. `make -s review BASE=main > review.md` keeps make's output out.
+BASE ?= main
+REV ?=
+review: setup
+	@$(BIN)/python -m yoloprune.review --base $(BASE) $(if $(REV),--head $(REV))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
-from yoloprune.benchmark import benchmark, compare, format_table
-from yoloprune.io import write_json
+from yoloprune.benchmark import benchmark, compare, format_table, tradeoff_points
+from yoloprune.errors import exit_on_error
+from yoloprune.io import atomic_path, write_json
 from yoloprune.params import data_yaml, load_params
 
+exit_on_error()
 params = load_params()
 b = params["benchmark"]
 settings = dict(imgsz=params["imgsz"], runtime="onnx", data=str(data_yaml(params)), iters=b["iters"],
@@ -30,3 +32,6 @@ flat = {
 }
 write_json(flat, "metrics/benchmark.json")
 write_json({"base": base, "pruned": tuned, "compare": cmp}, "metrics/benchmark_full.json")
+points = tradeoff_points(base, tuned, pruned.get("speed_up"), params["method"])
+with atomic_path("metrics/tradeoff.json") as tmp:  # a list (write_json takes a dict), for the scatter plot
+    tmp.write_text(json.dumps(points, indent=2) + "\n")

@@ -48,6 +48,20 @@ def test_same_seed_same_bytes(tmp_path):
     assert (a / "data.yaml").read_bytes() == yaml_before and digests(a) == digests(b)
 
 
+def test_dataset_folder_can_move(tmp_path):
+    """DVC restores data/synthetic from its cache into other workspaces (exp --temp, queues, CI)."""
+    import shutil
+
+    from ultralytics.data.utils import check_det_dataset
+
+    yml = make_dataset(tmp_path / "a", n_train=2, n_val=2, imgsz=64)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = tmp_path / "b" / "data.yaml"
+    assert Path(check_data_yaml(moved)["path"]) == moved.parent
+    assert Path(check_det_dataset(str(moved))["val"]) == moved.parent / "images" / "val"
+    assert not yml.exists()
+
+
 def test_images_do_not_depend_on_split_size(tmp_path):
     small = digests(make_dataset(tmp_path / "s", n_train=3, n_val=2, imgsz=64).parent)
     large = digests(make_dataset(tmp_path / "l", n_train=6, n_val=4, imgsz=64).parent)
@@ -58,8 +72,9 @@ def test_yaml_and_files(dataset):
     root = dataset.parent
     assert dataset.read_text().splitlines()[0].startswith(data_mod.MARKER)
     cfg = yaml.safe_load(dataset.read_text())
-    assert list(cfg) == ["path", "train", "val", "names"]
-    assert Path(cfg["path"]) == root and cfg["names"] == dict(enumerate(NAMES))
+    assert list(cfg) == ["train", "val", "names"]  # no `path`: the splits sit beside the yaml, wherever it moves
+    assert cfg["names"] == dict(enumerate(NAMES))
+    assert Path(check_data_yaml(dataset)["path"]) == root
     for split, n in (("train", 24), ("val", 8)):
         images = sorted(p.stem for p in (root / "images" / split).glob("*.png"))
         labels = sorted(p.stem for p in (root / "labels" / split).glob("*.txt"))

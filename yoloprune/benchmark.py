@@ -383,6 +383,20 @@ def format_table(cmp: dict) -> str:
     return "\n".join(lines)
 
 
+def tradeoff_points(base_report: dict, tuned_report: dict, speed_up: float | None, method: str) -> list[dict]:
+    """Return one accuracy-vs-latency point for the baseline and one for the fine-tuned pruned model.
+
+    The points of several experiments together make the scatter ``dvc plots diff``
+    draws (one colour per experiment). ``speed_up`` (achieved MACs ratio) and
+    ``method`` (importance) label the pruned point; the baseline's are 1.0 and ``"none"``.
+    """
+    def point(model: str, report: dict, speed_up: float | None, method: str) -> dict:
+        return {"model": model, "latency_ms": report["latency_median_ms"], "map50_95": report.get("map50_95"),
+                "speed_up": speed_up, "method": method}
+
+    return [point("baseline", base_report, 1.0, "none"), point("finetuned", tuned_report, speed_up, method)]
+
+
 def _num(v: float) -> str:
     if isinstance(v, int) or abs(v) >= 100:
         return f"{v:,.0f}" if abs(v) >= 100 else str(v)

@@ -65,7 +65,9 @@ def make_dataset(root: str | Path, n_train: int = 96, n_val: int = 32, imgsz: in
                 (tmp / "labels" / split / f"{stem}.txt").write_text(
                     "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
                 )
-        data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(NAMES))}
+        # No `path`: Ultralytics and check_data_yaml then resolve the splits beside the yaml, so the folder may move
+        # (DVC restores it from its cache into other workspaces: `dvc exp run --temp`, queued runs, CI).
+        data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(NAMES))}
         header = f"{MARKER}: make_dataset(n_train={n_train}, n_val={n_val}, imgsz={imgsz}, seed={seed})\n"
         (tmp / "data.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
         _swap_into_place(tmp, root)
