@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-all review clean
+.PHONY: setup run demo test test-all review study clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ BASE ?= main
 REV ?=
 review: setup
 	@$(BIN)/python -m yoloprune.review --base $(BASE) $(if $(REV),--head $(REV))
+
+# The measured study (docs/results.md and its plot): the sweep of DVC experiments in yoloprune/study.py, queued, run
+# by one background queue worker, then the equal-budget controls and the report. Resumable: after an interruption
+# (Ctrl-C leaves the worker running) `make study` again skips what is queued or done and waits for the rest;
+# `dvc queue stop --kill` stops the worker. `python -m yoloprune.study plan` lists the experiments, runs nothing.
+study: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study queue
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study run
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study control
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
 clean:
 	rm -rf $(VENV) .pytest_cache

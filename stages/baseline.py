@@ -3,13 +3,15 @@
 import tempfile
 from pathlib import Path
 
+import torch
+
 from yoloprune.data import check_data_yaml
 from yoloprune.errors import exit_on_error
-from yoloprune.finetune import finetune
+from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 
-OUT = Path("models/baseline.pt")
+OUT, RUN = Path("models/baseline.pt"), Path("runs/baseline")
 
 exit_on_error()
 params = load_params()
@@ -19,12 +21,13 @@ if model.endswith(".pt"):
     write_json({"trained": False, "source": model}, "metrics/baseline.json")
 else:
     b = params["baseline"]
+    settings = {"epochs": b["epochs"], "imgsz": params["imgsz"], "batch": b["batch"], **b["args"]}
     with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the same initial weights on every run, so an interrupted run is resumed, not redone
         nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml
         init = save_model(load_model(model, nc=nc), Path(tmp) / "init.pt", {"source": model})
-        # nbs=batch: one optimiser step per batch (Ultralytics' nbs=64 would step once per 64 images).
-        result = finetune(init, data, epochs=b["epochs"], imgsz=params["imgsz"], batch=b["batch"],
-                          nbs=b["batch"], out_dir="runs/baseline")
+        result = finetune(init, data, workers=b["workers"], out_dir=RUN,
+                          resume=can_resume(RUN, init, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     write_json({"trained": True, "epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95},
                "metrics/baseline.json")

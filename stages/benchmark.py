@@ -11,8 +11,8 @@ from yoloprune.params import data_yaml, load_params
 exit_on_error()
 params = load_params()
 b = params["benchmark"]
-settings = dict(imgsz=params["imgsz"], runtime="onnx", data=str(data_yaml(params)), iters=b["iters"],
-                warmup=b["warmup"], threads=b["threads"])
+settings = {"imgsz": params["imgsz"], "runtime": "onnx", "data": str(data_yaml(params)), "iters": b["iters"],
+            "warmup": b["warmup"], "threads": b["threads"]}
 base, tuned = benchmark("models/baseline.pt", **settings), benchmark("models/finetuned.pt", **settings)
 cmp = compare(base, tuned)
 print(format_table(cmp))

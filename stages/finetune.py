@@ -1,17 +1,21 @@
 """Stage finetune: recover accuracy with the Ultralytics trainer on the pruned network itself."""
 
 import shutil
+from pathlib import Path
 
 from yoloprune.errors import exit_on_error
-from yoloprune.finetune import finetune
+from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import atomic_path, load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 
+PRUNED, RUN = Path("models/pruned.pt"), Path("runs/finetune")
+
 exit_on_error()
 params = load_params()
-f = params["finetune"]
-result = finetune("models/pruned.pt", data_yaml(params), epochs=f["epochs"], imgsz=params["imgsz"], batch=f["batch"],
-                  device=str(f["device"]), out_dir="runs/finetune")
+f, data = params["finetune"], data_yaml(params)
+settings = {"epochs": f["epochs"], "imgsz": params["imgsz"], "batch": f["batch"], **f["args"]}
+result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], out_dir=RUN,
+                  resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})
 write_json({"epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95}, "metrics/finetune.json")
 with atomic_path("metrics/finetune_curves.csv") as tmp:  # the training curves, kept in git for `dvc plots`

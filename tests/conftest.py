@@ -14,7 +14,7 @@ from yoloprune.io import load_model
 from yoloprune.prune import calibrate_bn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _live(name: str) -> nn.Module:
     model = load_model(name)
     gen = torch.Generator().manual_seed(0)

@@ -117,7 +117,7 @@ def test_prune_with_data_fine_tunes_the_pruned_network(six_class, tmp_path, caps
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["map50_95"] is not None
     pruned_only = load_model(tmp_path / "runs" / "tuned" / "pruned.pt")
     tuned = load_model(out)
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes(tuned) == shapes(pruned_only) != shapes(load_model(base))  # trained, still pruned
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), pruned_only.state_dict().values()))
     assert "fine-tuned 1 epochs" in capsys.readouterr().out

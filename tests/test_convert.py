@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import live_model, tensors
 from torch import nn
 
-from conftest import live_model, tensors
 from yoloprune.convert import CONVERTERS, convert_model, find_channel_splits
 from yoloprune.errors import YoloPruneError
 

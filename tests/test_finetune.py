@@ -128,9 +128,11 @@ def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
     same = {"epochs": 2, "imgsz": IMGSZ, "batch": 4}
     assert can_resume(out, pruned, dataset, **same)
     assert not can_resume(out, pruned, dataset, **{**same, "epochs": 3})
-    other = tmp_path / "other.pt"
-    other.write_bytes(pruned.read_bytes() + b"\0")
-    assert not can_resume(out, other, dataset, **same)
+    model = load_model(pruned)
+    assert can_resume(out, save_model(model, tmp_path / "again.pt"), dataset, **same)  # same weights, new file
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert not can_resume(out, save_model(model, tmp_path / "other.pt"), dataset, **same)
 
     starts = []
     result = finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True,

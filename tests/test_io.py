@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import live_model
 from torch import nn
 
-from conftest import live_model
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.prune import PruneConfig, prune_model

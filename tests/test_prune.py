@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from conftest import live_model, tensors
 from thop import profile
 from torch import nn
 from ultralytics.nn.modules import Detect
 
-from conftest import live_model, tensors
 from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError
 from yoloprune.importance import METHODS

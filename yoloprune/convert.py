@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from ultralytics.nn.modules import C2f, C2PSA, C3k2, Conv
+from ultralytics.nn.modules import C2PSA, C2f, C3k2, Conv
 from ultralytics.nn.modules.block import Attention
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.modules import AttentionV2, C2fV2, C2PSAV2, C3k2V2
+from yoloprune.modules import C2PSAV2, AttentionV2, C2fV2, C3k2V2
 
 Converter = Callable[[nn.Module], nn.Module]
 CONVERTERS: dict[type[nn.Module], Converter] = {}

@@ -1,6 +1,6 @@
 """A synthetic YOLO detection dataset drawn from numpy and PIL alone, and a checker for users' data yamls.
 
-``make_dataset`` draws six classes of shapes at many sizes (down to a few pixels),
+``make_dataset`` draws six classes of shapes at many sizes (down to 8 pixels),
 in random colours, partly occluding each other, on cluttered backgrounds (gradients,
 low-frequency colour noise, pixel noise and unlabelled strokes and arcs). It is
 deterministic: every image has its own random stream seeded by (seed, split, index),
@@ -185,7 +185,7 @@ def _place(
     alpha patch, output-size alpha patch).
     """
     s = imgsz * SUPERSAMPLE
-    lo, hi = max(6.0, 0.04 * imgsz), 0.45 * imgsz  # object size in output pixels: log-uniform, many small ones
+    lo, hi = max(8.0, 0.06 * imgsz), 0.45 * imgsz  # object size in output pixels: log-uniform, many small ones
     shown = np.bincount(owner[owner >= 0], minlength=len(areas))  # pixels each earlier object shows now
     for _ in range(tries):
         cls = int(rng.integers(len(NAMES)))

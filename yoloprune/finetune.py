@@ -26,6 +26,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from copy import deepcopy
@@ -45,6 +46,7 @@ from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.patches import torch_load
 
 from yoloprune.errors import YoloPruneError
+from yoloprune.export import torch_threads_kept
 from yoloprune.io import atomic_path, load_model, write_json
 
 LOGGER = logging.getLogger("yoloprune")
@@ -90,11 +92,25 @@ class PrunedTrainerMixin:
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None) -> None:
         provide_fonts()  # before super().__init__: its dataset check calls check_font
+        workers = (overrides or {}).get("workers")
         super().__init__(cfg, overrides, _callbacks)
+        if workers is not None:  # BaseTrainer sets workers=0 on CPU; the caller's explicit choice stands
+            self.args.workers = workers
         for event, fns in self.callbacks.items():  # the validator gets this dict: drop integrations for it too
             self.callbacks[event] = [f for f in fns if not _is_integration(f)]
         if RANK in {-1, 0} and not self.resume:
             (self.wdir / BEST_FP32).unlink(missing_ok=True)  # a previous run's best must not become this run's
+
+    def _setup_train(self) -> None:
+        """Set up as Ultralytics does, with torch using every CPU core when training on the CPU.
+
+        ``select_device("cpu")`` gives torch ``os.cpu_count() - 1`` threads: one of two
+        cores. Measured here (2 cores, yolov8n, imgsz 160, batch 8): 15 s an epoch of 192
+        images on one thread, 9.3 s on two. ``finetune`` restores the count afterwards.
+        """
+        if self.device.type == "cpu":
+            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        super()._setup_train()
 
     def run_callbacks(self, event: str) -> None:
         """Run the event's callbacks except integrations (they are added inside ``BaseTrainer.__init__``)."""
@@ -319,11 +335,12 @@ def finetune(
             raise YoloPruneError(f"unknown callback event {event!r}; use one of {', '.join(sorted(events))}")
         events[event].extend(fns)
 
-    trainer = TRAINERS[task](overrides=args, _callbacks=events)
-    if not resume and RANK in {-1, 0}:
-        fingerprint = _fingerprint(model, data, {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides})
-        write_json(fingerprint, Path(trainer.save_dir) / SOURCE)
-    trainer.train()
+    with torch_threads_kept():  # the trainer changes the process-wide torch thread count
+        trainer = TRAINERS[task](overrides=args, _callbacks=events)
+        if not resume and RANK in {-1, 0}:
+            fingerprint = _fingerprint(model, data, {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides})
+            write_json(fingerprint, Path(trainer.save_dir) / SOURCE)
+        trainer.train()
     return _result(trainer)
 
 
@@ -331,11 +348,12 @@ SOURCE = "source.json"  # in a run folder: what the run started from, so a later
 
 
 def _fingerprint(model: Path, data: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Return what identifies a run: the starting weights (not the file's bytes, which hold a date), data, settings."""
     digest = hashlib.sha256()
-    with open(model, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"model_sha256": digest.hexdigest(), "data": str(Path(data).resolve()), **settings}
+    for name, tensor in load_model(model).state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"weights_sha256": digest.hexdigest(), "data": str(Path(data).resolve()), **settings}
 
 
 def can_resume(out_dir: str | Path, model: str | Path, data: str | Path, **settings: Any) -> bool:
@@ -345,6 +363,8 @@ def can_resume(out_dir: str | Path, model: str | Path, data: str | Path, **setti
     after an interruption): the run folder must have a resumable ``last.pt`` and have
     been started by ``finetune`` from a file with the same bytes, the same data yaml
     and the same ``settings`` (epochs, imgsz, batch, ...). Anything else starts over.
+    The starting point is compared by its weights, so a checkpoint saved again (or a
+    yaml model built again under the same seed) still matches.
     """
     out_dir = Path(out_dir)
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from ultralytics.nn.modules import Conv
 
-__all__ = ["AttentionV2", "C2PSAV2", "C2fV2", "C3k2V2"]
+__all__ = ["C2PSAV2", "AttentionV2", "C2fV2", "C3k2V2"]
 
 
 class C2fV2(nn.Module):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib import metadata
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 
 import torch
 import torch_pruning as tp

@@ -1,0 +1,332 @@
+"""The study's pure pieces: the sweep, the DVC output parsers, the Pareto front, the targets and the report.
+
+``fixtures/dvc_exp_show.json`` is real ``dvc exp show --json`` output of DVC 3.67.1, captured
+from a throw-away repository whose single stage wrote this project's metrics files
+(``metrics/{baseline,prune,finetune,benchmark}.json`` with the same keys) and a cached
+``models/baseline.pt``: one experiment run in the workspace (``study-v8n-lamp-2x``), one
+outside the study (``pr-ci2``), and four queued with ``dvc exp run --queue`` then caught
+by ``dvc queue start -j 1`` mid-way: one succeeded, one failed, one running, one still queued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from yoloprune import study
+from yoloprune.errors import YoloPruneError
+from yoloprune.importance import get_method
+from yoloprune.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).with_name("fixtures") / "dvc_exp_show.json"
+QUEUE_STATUS = """\
+Task     Name                   Created    Status
+2d14904  study-11n-lamp-2x      06:52 AM   Running
+4473992  study-26n-lamp-2x      06:52 AM   Queued
+6b9d2bb  study-v8n-bn_scale-2x  06:52 AM   Failed
+af236c5  study-v8n-lamp-3x      06:52 AM   Success
+
+Worker status: 1 active, 0 idle
+"""
+FIXTURE_PROFILE = {"baseline.epochs": 40, "benchmark.iters": 100}  # what the fixture's experiments were run with
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def experiments() -> list[study.Experiment]:
+    return study.sweep(frontier_speed_up=3.5)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[study.ExpRecord]:
+    return study.parse_exp_show(FIXTURE.read_text())
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------------
+
+def test_sweep_names_are_unique_valid_refs(experiments):
+    names = [e.dvc_name for e in experiments]
+    assert len(names) == len(set(names)) == 17
+    for name in names:  # git ref rules DVC enforces: no spaces, "..", "~^:?*[\\", no trailing "." or ".lock"
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name and not name.endswith(".")
+
+
+def test_every_experiment_passes_the_params_schema(experiments, params):
+    base = study.apply_overrides(params, study.PROFILE)
+    for e in experiments:
+        checked = study.check_params(study.apply_overrides(base, e.overrides), e.name)
+        get_method(checked["method"])
+        for key, value in e.settings().items():  # the -S text reads back as the value DVC will write
+            assert yaml.safe_load(study.yaml_value(value)) == value, (e.name, key)
+
+
+def test_sweep_covers_issue_9(experiments, params):
+    def where(**want):
+        return {e.name for e in experiments if all(e.overrides.get(k, _default(params, k)) == v
+                                                    for k, v in want.items())}
+
+    lamp_v8n = [e for e in experiments if e.overrides["model"] == study.V8N and e.overrides["method"] == "lamp"
+                and len(e.overrides) == 3]
+    assert sorted(e.overrides["speed_up"] for e in lamp_v8n) == [1.5, 2.0, 3.0]
+    assert {e.overrides["method"] for e in experiments if e.overrides["speed_up"] == 2.0
+            and e.overrides["model"] == study.V8N} == {"lamp", "l1", "random", "taylor", "bn_scale"}
+    for model in (study.V11N, study.V26N):
+        assert {e.overrides["speed_up"] for e in experiments if e.overrides["model"] == model} == {2.0, 3.0}
+    assert {e.overrides.get("prune.round_to", params["prune"]["round_to"]) for e in experiments
+            if e.name.startswith("v8n-lamp-2x")} == {1, 8, 16}
+    assert study.FEW_EPOCHS < params["finetune"]["epochs"] < study.LONG_EPOCHS
+    assert where(**{"finetune.epochs": study.FEW_EPOCHS, "speed_up": 2.0}) == {"v8n-lamp-2x-ft3"}
+    frontier = next(e for e in experiments if e.name == study.FRONTIER_NAME)
+    assert frontier.overrides == {"model": study.V8S, "speed_up": 3.5, "method": "lamp"}
+    assert experiments[0].name == study.DEFAULT and experiments[0].overrides == {
+        "model": params["model"], "speed_up": params["speed_up"], "method": params["method"]}  # the default row
+    assert {c.source for c in study.controls()} <= {e.name for e in experiments}
+
+
+def _default(params: dict, key: str):
+    node = params
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def test_profile_lives_in_the_commands(experiments):
+    argv = experiments[0].command()
+    assert argv[:5] == ["exp", "run", "--queue", "--name", "study-v8n-lamp-2x"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    assert sets[:len(study.PROFILE)] == [f"{k}={study.yaml_value(v)}" for k, v in study.PROFILE.items()]
+    assert "speed_up=2.0" in sets and "model=yolov8n.yaml" in sets
+
+
+def test_bad_overrides_fail_at_the_edge(params):
+    with pytest.raises(YoloPruneError, match="prune.roundto"):
+        study.apply_overrides(params, {"prune.roundto": 16})
+    with pytest.raises(YoloPruneError, match="finetune.epochs"):
+        study.check_params(study.apply_overrides(params, {"finetune.epochs": "5"}))
+
+
+def test_frontier_speed_up_is_the_mac_ratio(params):
+    sweep = study.study_sweep(ROOT / "params.yaml")  # builds yolov8s and yolov8n at the study imgsz
+    frontier = next(e for e in sweep if e.name == study.FRONTIER_NAME)
+    nc = study.dataset_classes(params)
+    ratio = study.model_macs(study.V8S, params["imgsz"], nc) / study.model_macs(study.V8N, params["imgsz"], nc)
+    assert frontier.overrides["speed_up"] == pytest.approx(ratio, abs=5e-4)
+    assert 3.0 < ratio < 4.5  # yolov8s is about 3.5x yolov8n's MACs
+
+
+def test_uncached_stages():
+    pipeline = yaml.safe_load("""
+stages:
+  baseline:
+    cmd: python stages/baseline.py
+    outs:
+      - models/baseline.pt
+      - runs/baseline: {persist: true, cache: false}
+  prune:
+    cmd: python stages/prune.py
+    outs: [models/pruned.pt]
+    metrics:
+      - metrics/prune.json: {cache: false}
+  benchmark:
+    cmd: python stages/benchmark.py
+    outs:
+      - metrics/benchmark_full.json: {cache: false}
+""")
+    assert study.uncached_stages(pipeline) == ["baseline"]
+    assert study.uncached_stages({}) == []
+
+
+# --- parsing DVC ----------------------------------------------------------------------------------------------------
+
+def test_parse_exp_show_fixture(records):
+    by = {r.name: r for r in records}
+    assert set(by) == {"study-v8n-lamp-2x", "pr-ci2", "study-v8n-lamp-3x", "study-v8n-bn_scale-2x",
+                       "study-11n-lamp-2x", "study-26n-lamp-2x"}
+    assert {n: r.state for n, r in by.items()} == {
+        "study-v8n-lamp-2x": "done", "pr-ci2": "done", "study-v8n-lamp-3x": "success",
+        "study-v8n-bn_scale-2x": "failed", "study-11n-lamp-2x": "running", "study-26n-lamp-2x": "queued"}
+    done = by["study-v8n-lamp-3x"]
+    assert done.finished and not done.pending
+    assert done.params["speed_up"] == 3 and done.params["baseline"]["epochs"] == 40
+    bench = done.metrics["metrics/benchmark.json"]
+    assert bench["macs_speed_up"] == pytest.approx(3.012, abs=1e-3)
+    assert set(done.metrics) == {"metrics/baseline.json", "metrics/prune.json", "metrics/finetune.json",
+                                 "metrics/benchmark.json"}
+    assert re.fullmatch(r"[0-9a-f]{32}", done.outs["models/baseline.pt"])
+    failed = by["study-v8n-bn_scale-2x"]
+    assert not failed.finished and failed.error == "Experiment run failed" and failed.metrics == {}
+    assert failed.task_id.startswith("6b9d2bb") and failed.log.endswith(".out")
+    running = by["study-11n-lamp-2x"]
+    assert running.pending and not running.finished and running.rev == running.task_id
+    assert {r.baseline for r in records} == {by["pr-ci2"].baseline} and len(done.baseline) == 40
+
+
+def test_parse_exp_show_rejects_other_shapes():
+    with pytest.raises(YoloPruneError, match="no JSON"):
+        study.parse_exp_show("ERROR: not a dvc repository")
+    with pytest.raises(YoloPruneError, match="DVC 3"):
+        study.parse_exp_show({"workspace": {"baseline": {}}})  # DVC 2's dict of revisions
+    assert study.parse_exp_show("WARNING: something\n[]") == []
+
+
+def test_parse_queue_status():
+    status = study.parse_queue_status(QUEUE_STATUS)
+    assert status.workers == 1
+    assert status.names("queued", "running") == {"study-11n-lamp-2x", "study-26n-lamp-2x"}
+    assert status.names("failed") == {"study-v8n-bn_scale-2x"}
+    empty = study.parse_queue_status("Task  Name  Created  Status\n\nWorker status: 0 active, 0 idle\n")
+    assert empty.tasks == [] and empty.workers == 0
+
+
+def test_plan_queue_resumes(experiments, records):
+    plan = study.plan_queue(experiments, records, profile=FIXTURE_PROFILE)
+    queued = [e.name for e in plan.to_queue]
+    assert "v8n-lamp-2x" not in queued and "v8n-lamp-3x" not in queued  # done with these params
+    assert "11n-lamp-2x" not in queued and "26n-lamp-2x" not in queued  # running, queued
+    assert "v8n-bn_scale-2x" in queued and plan.remove == [next(r.task_id for r in records if r.state == "failed")]
+    assert len(queued) == 17 - 4 and plan.force == set()
+    assert queued == [e.name for e in experiments if e.name in queued]  # sweep order kept
+    # Run with other params than the sweep's now: queued again, replacing the old result.
+    changed = study.plan_queue(experiments, records, profile={**FIXTURE_PROFILE, "baseline.epochs": 80})
+    assert {"v8n-lamp-2x", "v8n-lamp-3x"} <= changed.force
+    # A name the queue holds for another commit is not queued twice.
+    other = study.plan_queue(experiments, records, pending={"study-v8n-l1-2x"}, profile=FIXTURE_PROFILE)
+    assert "v8n-l1-2x" not in [e.name for e in other.to_queue]
+
+
+def test_collect_and_missing(experiments, records):
+    df = study.collect(records, experiments)
+    assert list(df["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-3x"]  # sweep order; pr-ci2 is not the study's
+    row = df.iloc[1]
+    assert row["family"] == "v8n" and row["target"] == 3 and row["round_to"] == 8 and row["ft_epochs"] == 5
+    assert row["lat_speed_up"] == pytest.approx(row["lat_base"] / row["lat_ft"])
+    assert row["retention"] == pytest.approx(100 * row["map_ft"] / row["map_base"])
+    assert row["macs_base"] / row["macs_ft"] == pytest.approx(row["achieved"], rel=1e-6)
+    gone = study.missing(records, experiments)
+    assert gone["11n-lamp-2x"] == "running" and gone["26n-lamp-2x"] == "queued"
+    assert gone["v8n-bn_scale-2x"] == "failed" and gone["v8n-l1-2x"] == "not queued"
+    assert len(gone) == 15
+
+
+# --- Pareto front and targets -----------------------------------------------------------------------------------------
+
+def test_pareto_front_with_ties():
+    pts = {  # name: (latency ms, mAP50-95)
+        "slow_best": (12.0, 0.70),
+        "slow_worse": (12.0, 0.60),  # same latency, less accurate: dominated
+        "mid": (10.0, 0.50),  # as accurate as "fast", slower: dominated
+        "fast": (8.0, 0.50),
+        "fast_twin": (8.0, 0.50),  # identical points do not dominate each other
+        "fast_worse": (9.0, 0.40),
+        "fastest": (5.0, 0.30),
+        "unmeasured": (math.nan, 0.90),
+    }
+    front = dict(zip(pts, study.pareto_front([p[0] for p in pts.values()], [p[1] for p in pts.values()])))
+    assert {n for n, on in front.items() if on} == {"slow_best", "fast", "fast_twin", "fastest"}
+    assert study.pareto_front([], []) == []
+
+
+def _row(name: str, model: str = study.V8N, method: str = "lamp", target: float = 2.0, *, round_to: int = 8,
+         ft: int = 5, map_ft: float = 0.78, lat_ft: float = 5.5, achieved: float | None = None,
+         map_base: float = 0.80, lat_base: float = 10.0, md5: str = "a" * 32) -> dict:
+    achieved = target * 1.005 if achieved is None else achieved
+    return {"experiment": name, "rev": "0" * 40, "timestamp": "2026-01-01T00:00:00", "baseline_md5": md5,
+            "model": model, "method": method, "target": target, "imgsz": 160, "round_to": round_to, "ft_epochs": ft,
+            "base_epochs": 40, "map_base": map_base, "map_pruned": 0.2, "map_ft": map_ft,
+            "retention": 100 * map_ft / map_base, "params_base": 3.0e6, "params_ft": 3.0e6 / target,
+            "macs_base": 2.0e8, "macs_ft": 2.0e8 / achieved, "achieved": achieved, "lat_base": lat_base,
+            "lat_ft": lat_ft, "lat_speed_up": lat_base / lat_ft, "parity": 2e-7, "ft_epochs_run": ft,
+            "base_epochs_run": 40, "family": study.family(model)}
+
+
+def test_check_targets():
+    df = pd.DataFrame([
+        _row("at-the-bar", map_ft=0.776, lat_ft=10 / 1.7),  # 97.0 %, 1.70x: met exactly
+        _row("short-3x", target=3.0, map_ft=0.732, lat_ft=4.0, achieved=3.075),  # 91.5 %, 2.5x, MACs +2.5 %
+        _row("mild", target=1.5, lat_ft=8.0),  # no bar at 1.5x: only the MACs check
+    ])
+    checks = study.check_targets(df)
+    got = {(c.experiment, c.criterion): (c.met, c.gap) for c in checks.itertuples()}
+    assert len(got) == 7
+    assert got[("at-the-bar", "mAP50-95 retention")][0] and got[("at-the-bar", "latency speed-up")][0]
+    assert got[("at-the-bar", "mAP50-95 retention")][1] == pytest.approx(0, abs=1e-9)
+    met, gap = got[("short-3x", "mAP50-95 retention")]
+    assert not met and gap == pytest.approx(91.5 - 93)
+    assert got[("short-3x", "latency speed-up")] == (True, pytest.approx(0.1))
+    met, gap = got[("short-3x", "MACs speed-up error")]
+    assert not met and gap == pytest.approx(0.02 - 0.025)
+    assert got[("mild", "MACs speed-up error")] == (True, pytest.approx(0.015))
+
+
+def _table() -> tuple[pd.DataFrame, list[dict]]:
+    rows = [
+        _row("v8n-lamp-2x", map_ft=0.784, lat_ft=5.6),
+        _row("v8n-lamp-1.5x", target=1.5, map_ft=0.795, lat_ft=7.2),
+        _row("v8n-lamp-3x", target=3.0, map_ft=0.73, lat_ft=4.2),
+        _row("v8n-l1-2x", method="l1", map_ft=0.77, lat_ft=5.5),
+        _row("v8n-lamp-2x-r1", round_to=1, map_ft=0.786, lat_ft=6.4),
+        _row("v8n-lamp-2x-r16", round_to=16, map_ft=0.781, lat_ft=5.3),
+        _row("v8n-lamp-2x-ft3", ft=3, map_ft=0.75, lat_ft=5.6),
+        _row("v8n-lamp-3x-ft20", target=3.0, ft=20, map_ft=0.76, lat_ft=4.2),
+        _row("11n-lamp-2x", model=study.V11N, map_ft=0.75, lat_ft=6.5, map_base=0.79, lat_base=12.0, md5="b" * 32),
+        _row("v8s-lamp-to-v8n", model=study.V8S, target=3.517, map_ft=0.83, lat_ft=11.0, map_base=0.86,
+             lat_base=30.0, md5="c" * 32),
+    ]
+    controls = [{"name": "v8n-control", "source": "v8n-lamp-2x", "family": "v8n", "baseline_map50_95": 0.80,
+                 "map50_95": 0.805, "latency_ms": 10.1, "epochs": 5, "baseline_md5": "a" * 32}]
+    return pd.DataFrame(rows), controls
+
+
+def test_control_retention():
+    df, controls = _table()
+    out = study.with_control(df, controls)
+    by = out.set_index("experiment")
+    assert by.loc["v8n-lamp-2x", "retention_ctrl"] == pytest.approx(100 * 0.784 / 0.805)
+    assert math.isnan(by.loc["v8n-lamp-2x-ft3", "retention_ctrl"])  # 3 epochs: not the control's budget
+    assert math.isnan(by.loc["11n-lamp-2x", "retention_ctrl"])  # another baseline
+
+
+def test_report_writes_markdown_and_png(tmp_path):
+    df, controls = _table()
+    ctx = study.Context(commit="abc123def456", commands=["dvc exp run --queue --name study-x -S speed_up=2.0"],
+                        machine={"cpu": "AMD EPYC", "cores_logical": 2}, versions={"torch": "2.14.1"},
+                        measured_by="As recorded:", missing={"26n-lamp-2x": "queued"})
+    md, png = study.write_report(df, controls, ctx, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = md.read_text()
+    for needle in ("![mAP50-95 after fine-tuning vs ONNX Runtime CPU latency](results.png)", "`abc123def456`",
+                   "| v8s-lamp-to-v8n |", "**missed**", "dvc exp run --queue --name study-x", "| AMD EPYC |",
+                   "| 26n-lamp-2x | queued |", "| v8n-control | v8n-lamp-2x | 5 |"):
+        assert needle in text, needle
+    # The reading is computed: the front, the frontier verdict, the budget series, the remedy, the control.
+    front = re.search(r"\*\*Pareto front\.\*\* (.*)", text).group(1)
+    assert "v8n-lamp-3x-ft20 (4.20 ms" in front and "v8s-lamp-to-v8n (11.00 ms, mAP50-95 0.830)" in front
+    assert "v8n-lamp-3x (" not in front  # as fast as lamp-3x-ft20, less accurate
+    assert "v8n-l1-2x" not in front  # slower than lamp-2x-r16 (5.3 ms, 0.781) and less accurate
+    assert "worth it: more accurate" in text  # v8s pruned 0.830 vs v8n from scratch 0.800
+    assert "Retention at 2× by fine-tune epochs: 0: 25.0 %, 3: 93.8 %, 5: 98.0 %." in text
+    assert "moved retention 91.2 % -> 95.0 % (+3.8 pt)" in text
+    assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
+    assert "the method is lamp" in text and "round_to is 16" in text
+    points = json.loads((tmp_path / "study" / "points.json").read_text())
+    assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 10 + 3 + 1
+    assert len(pd.read_csv(tmp_path / "study" / "experiments.csv")) == len(df)
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
+
+
+def test_report_without_results(tmp_path, experiments, records):
+    empty = study.collect([], experiments)
+    md, png = study.write_report(empty, [], study.Context(missing=study.missing(records, experiments)), tmp_path)
+    text = md.read_text()
+    assert "0 of 15 experiments finished" in text and "Not measured yet" in text and png.is_file()

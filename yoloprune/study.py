@@ -1,0 +1,1177 @@
+"""The measured study (issue 9): a sweep of DVC experiments, collected into ``docs/results.md`` and its plot.
+
+The sweep is data: ``sweep()`` lists the experiments, each a name and the ``-S``
+overrides it gives ``dvc exp run``; ``PROFILE`` holds the overrides every experiment
+shares (baselines trained to a plateau, steadier latency). Everything runs through the
+project's own pipeline, so DVC's run cache shares work between experiments (each model's
+dataset and baseline are computed once) and a finished stage is never computed twice::
+
+    python -m yoloprune.study plan      # the experiments and the exact commands; runs nothing
+    python -m yoloprune.study queue     # `dvc exp run --queue` each experiment not already queued or done
+    python -m yoloprune.study run       # `dvc queue start -j 1`, then wait for the study's experiments
+    python -m yoloprune.study control   # the equal-budget controls (baselines trained the fine-tune's epochs more)
+    python -m yoloprune.study report    # docs/results.md, docs/results.png and docs/study/
+
+``make study`` runs the five in order. It resumes: experiments already queued, running or
+done are skipped, failed ones are queued again, and the queue worker runs in the
+background, so an interrupted ``make study`` (Ctrl-C, a closed terminal) loses nothing:
+run it again to continue waiting. ``dvc queue stop --kill`` stops the worker itself.
+The report is generated from the experiments' metrics alone, prose included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from yoloprune.errors import YoloPruneError
+from yoloprune.io import atomic_path, write_json
+from yoloprune.params import SYNTHETIC, load_params
+
+LOGGER = logging.getLogger("yoloprune")
+
+PREFIX = "study-"  # DVC experiment names are PREFIX + Experiment.name: the study's, among everyone else's
+OUT_DIR = Path("docs")  # results.md and results.png; the collected data under OUT_DIR / "study"
+WORK_DIR = Path("runs/study")  # scratch space of the controls (git-ignored)
+
+# Overrides every experiment gets, before its own: baselines trained to a plateau (issue 9: a 15-epoch baseline made
+# a pruned model look 103 % as good), pinned here so that a quicker default in params.yaml cannot shorten them, and
+# latency medians that hold still on a shared CPU. The controls check the plateau (see `_control`).
+PROFILE: dict[str, Any] = {
+    "baseline.epochs": 40,
+    "benchmark.iters": 100,
+    "benchmark.warmup": 10,
+}
+
+V8N, V8S, V11N, V26N = "yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo26n.yaml"
+DEFAULT_METHOD = "lamp"
+SPEED_UPS = (1.5, 2.0, 3.0)  # with DEFAULT_METHOD on yolov8n
+METHODS = ("l1", "random", "taylor", "bn_scale")  # at 2x, besides DEFAULT_METHOD
+GENERATIONS = (V8N, V11N, V26N)  # each pruned to GENERATION_SPEED_UPS with DEFAULT_METHOD
+GENERATION_SPEED_UPS = (2.0, 3.0)
+ROUND_TOS = (1, 16)  # at 2x, besides params.yaml's prune.round_to (8)
+FEW_EPOCHS, LONG_EPOCHS = 3, 20  # fine-tune budgets at 2x besides 0 (the pruned model) and params.yaml's
+FRONTIER = (V8S, V8N)  # prune the first to the second's MACs; the second trained from scratch is the rival
+
+
+def family(model: str) -> str:
+    """Return the short family label of a model yaml or checkpoint: ``yolov8n.yaml`` -> ``v8n``."""
+    stem = Path(str(model)).stem
+    return stem.removeprefix("yolo")
+
+
+def exp_name(model: str, method: str, speed_up: float, suffix: str = "") -> str:
+    """Return the study's name of an experiment: ``v8n-lamp-2x``, ``11n-lamp-3x``, ``v8n-lamp-2x-r16``."""
+    return f"{family(model)}-{method}-{speed_up:g}x{suffix}"
+
+
+DEFAULT = exp_name(V8N, DEFAULT_METHOD, 2.0)  # params.yaml's settings: the row several analyses share
+FRONTIER_NAME = f"{family(FRONTIER[0])}-{DEFAULT_METHOD}-to-{family(FRONTIER[1])}"
+REMEDY_NAME = exp_name(V8N, DEFAULT_METHOD, 3.0, f"-ft{LONG_EPOCHS}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One DVC experiment of the sweep: its short name, why it is there, and its ``-S`` overrides."""
+
+    name: str
+    purpose: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted params.yaml key -> value
+
+    @property
+    def dvc_name(self) -> str:
+        """Return the experiment's name in DVC."""
+        return PREFIX + self.name
+
+    def settings(self, profile: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return every override this experiment runs with: the profile's, then its own."""
+        return {**(PROFILE if profile is None else profile), **self.overrides}
+
+    def command(self, profile: dict[str, Any] | None = None) -> list[str]:
+        """Return the ``dvc exp run --queue`` argv (after ``dvc``) that queues this experiment."""
+        sets = [a for k, v in self.settings(profile).items() for a in ("-S", f"{k}={yaml_value(v)}")]
+        return ["exp", "run", "--queue", "--name", self.dvc_name, *sets]
+
+
+@dataclass(frozen=True)
+class Control:
+    """An equal-budget control: the baseline of ``source`` trained as many more epochs as the fine-tune, alike."""
+
+    name: str
+    source: str  # the experiment whose baseline (models/baseline.pt) and params the control takes
+
+
+def yaml_value(value: Any) -> str:
+    """Return ``value`` written as ``dvc exp run -S key=value`` reads it back (YAML)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def sweep(frontier_speed_up: float) -> list[Experiment]:
+    """Return the study's experiments, in the order they run (each model's first experiment trains its baseline).
+
+    ``frontier_speed_up`` prunes FRONTIER[0] to FRONTIER[1]'s MACs (see ``family_speed_up``).
+    """
+    def exp(purpose: str, model: str = V8N, speed_up: float = 2.0, method: str = DEFAULT_METHOD,
+            suffix: str = "", **extra: Any) -> Experiment:
+        overrides = {"model": model, "speed_up": speed_up, "method": method}
+        overrides.update({k.replace("__", "."): v for k, v in extra.items()})
+        return Experiment(exp_name(model, method, speed_up, suffix), purpose, overrides)
+
+    experiments = [exp("default: the speed-up, method, round_to and fine-tune series share it; yolov8n from "
+                       "scratch is its baseline")]
+    experiments += [exp("speed-up", speed_up=s) for s in SPEED_UPS if s != 2.0]
+    experiments += [exp("method", method=m) for m in METHODS]
+    experiments += [exp("round_to", suffix=f"-r{r}", prune__round_to=r) for r in ROUND_TOS]
+    experiments += [exp("fine-tune budget", suffix=f"-ft{e}", finetune__epochs=e) for e in (FEW_EPOCHS, LONG_EPOCHS)]
+    experiments.append(exp("remedy: a longer fine-tune where the 3x targets are hardest", speed_up=3.0,
+                           suffix=f"-ft{LONG_EPOCHS}", finetune__epochs=LONG_EPOCHS))
+    experiments += [exp("generation", model=m, speed_up=s) for m in GENERATIONS if m != V8N
+                    for s in GENERATION_SPEED_UPS]
+    big, small = FRONTIER
+    experiments.append(Experiment(FRONTIER_NAME, f"family frontier: {family(big)} pruned to {family(small)}'s MACs",
+                                  {"model": big, "speed_up": frontier_speed_up, "method": DEFAULT_METHOD}))
+    return experiments
+
+
+def controls() -> list[Control]:
+    """Return the equal-budget controls: one per generation, on the baseline of its default-setting experiment."""
+    return [Control(f"{family(m)}-control", exp_name(m, DEFAULT_METHOD, 2.0)) for m in GENERATIONS]
+
+
+# --- params -------------------------------------------------------------------------------------------------------
+
+def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``params`` with each dotted key of ``overrides`` set (``prune.round_to``: a nested key)."""
+    out = deepcopy(params)
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise YoloPruneError(f"override {key}: params.yaml has no section '{part}'; use a key of params.yaml")
+            node = node[part]
+        if last not in node:
+            raise YoloPruneError(f"override {key}: params.yaml has no key '{key}'; use a key of params.yaml")
+        node[last] = value
+    return out
+
+
+def check_params(params: dict[str, Any], label: str = "params") -> dict[str, Any]:
+    """Return ``params`` once ``load_params`` accepts it (the same schema check the stages run)."""
+    with tempfile.TemporaryDirectory(prefix="yoloprune-study-") as tmp:
+        path = Path(tmp) / f"{label}.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return load_params(path)
+
+
+def study_params(params_path: str | Path = "params.yaml", profile: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return params.yaml with the study profile applied, validated."""
+    return check_params(apply_overrides(load_params(params_path), PROFILE if profile is None else profile), "profile")
+
+
+def dataset_classes(params: dict[str, Any]) -> int:
+    """Return the number of classes the pipeline trains on (the head's width depends on it, and so its MACs)."""
+    if params["data"] == SYNTHETIC:
+        from yoloprune.data import NAMES
+
+        return len(NAMES)
+    from yoloprune.data import check_data_yaml
+
+    return check_data_yaml(params["data"])["nc"]
+
+
+@functools.cache  # the frontier sweep and its test count the same two models
+def model_macs(model: str, imgsz: int, nc: int) -> int:
+    """Return the MACs per image of a model yaml built for ``nc`` classes, counted as the prune stage counts them."""
+    from yoloprune.io import load_model
+    from yoloprune.macs import MacCounter
+    from yoloprune.prune import deployed_branch
+
+    net = load_model(model, nc=nc).eval()
+    _, unused = deployed_branch(net)
+    return MacCounter(net, imgsz, exclude=set(unused))()
+
+
+def family_speed_up(large: str, small: str, imgsz: int, nc: int) -> float:
+    """Return the speed-up that prunes ``large`` to ``small``'s MACs at ``imgsz`` (rounded to 3 decimals)."""
+    return round(model_macs(large, imgsz, nc) / model_macs(small, imgsz, nc), 3)
+
+
+def study_sweep(params_path: str | Path = "params.yaml") -> list[Experiment]:
+    """Return the sweep for this repository's params.yaml, every experiment's params validated."""
+    params = study_params(params_path)
+    experiments = sweep(family_speed_up(*FRONTIER, params["imgsz"], dataset_classes(params)))
+    for e in experiments:
+        check_params(apply_overrides(params, e.overrides), e.name)
+    return experiments
+
+
+# --- DVC ----------------------------------------------------------------------------------------------------------
+
+DONE, SUCCESS, QUEUED, RUNNING, FAILED = "done", "success", "queued", "running", "failed"
+
+
+@dataclass(frozen=True)
+class ExpRecord:
+    """One experiment as ``dvc exp show --json`` lists it."""
+
+    name: str
+    rev: str  # the experiment's commit (the queue's task id while it is queued or running)
+    baseline: str  # the commit it was run from
+    state: str  # DONE (run in the workspace), SUCCESS, QUEUED, RUNNING or FAILED (the queue's states)
+    params: dict[str, Any] = field(default_factory=dict)  # params.yaml as the experiment ran it
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # metrics file -> its data (readable ones)
+    outs: dict[str, str | None] = field(default_factory=dict)  # output path -> its hash
+    timestamp: str | None = None
+    error: str | None = None
+    task_id: str | None = None  # the queue's id of the task (queued experiments)
+    log: str | None = None  # the queue's log of the run
+
+    @property
+    def finished(self) -> bool:
+        """Return whether the experiment completed and its metrics can be read."""
+        return self.state in (DONE, SUCCESS) and self.error is None and bool(self.metrics)
+
+    @property
+    def pending(self) -> bool:
+        """Return whether the queue will still run (or is running) the experiment."""
+        return self.state in (QUEUED, RUNNING)
+
+
+def parse_exp_show(data: str | list) -> list[ExpRecord]:
+    """Return the experiments in ``dvc exp show --json`` output (DVC 3: a list of baselines, each with experiments).
+
+    The workspace entry has none; unreadable metrics files (an experiment that failed,
+    or one still running) are left out of ``metrics`` rather than failing the parse.
+    """
+    if isinstance(data, str):
+        try:
+            data = json.loads(data[data.index("["):] if "[" in data else data)
+        except ValueError as e:
+            raise YoloPruneError(f"dvc exp show --json printed no JSON ({e}); run it yourself to see why") from e
+    if not isinstance(data, list):
+        raise YoloPruneError("dvc exp show --json: expected a list of baseline commits (DVC 3); this DVC prints "
+                             f"a {type(data).__name__}: install the pinned dvc (pip install -e .)")
+    records = []
+    for base in data:
+        if not isinstance(base, dict):
+            continue
+        for group in base.get("experiments") or []:
+            revs = group.get("revs") or []
+            if not revs or not isinstance(revs[0], dict):
+                continue
+            rev = revs[0]
+            executor = group.get("executor") or {}
+            local = executor.get("local") or {}
+            name = group.get("name") or rev.get("name")
+            if not name:
+                continue
+            records.append(ExpRecord(
+                name=name,
+                rev=str(rev.get("rev", "")),
+                baseline=str(base.get("rev", "")),
+                state=executor.get("state") or DONE,
+                params=_file_data((rev.get("data") or {}).get("params"), "params.yaml"),
+                metrics={path: v["data"] for path, v in ((rev.get("data") or {}).get("metrics") or {}).items()
+                         if isinstance(v, dict) and isinstance(v.get("data"), dict)},
+                outs={path: (v or {}).get("hash") for path, v in ((rev.get("data") or {}).get("outs") or {}).items()},
+                timestamp=(rev.get("data") or {}).get("timestamp"),
+                error=(rev.get("error") or {}).get("msg") if rev.get("error") else None,
+                task_id=local.get("task_id"),
+                log=local.get("log"),
+            ))
+    return records
+
+
+def _file_data(files: dict | None, path: str) -> dict[str, Any]:
+    entry = (files or {}).get(path) or {}
+    return entry.get("data") if isinstance(entry.get("data"), dict) else {}
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """``dvc queue status``: each task's name and status, and the number of workers."""
+
+    tasks: list[tuple[str, str, str]]  # (task id, name, status), status as printed: Queued, Running, Success, ...
+    workers: int  # active + idle
+
+    def names(self, *statuses: str) -> set[str]:
+        """Return the names of the tasks in any of ``statuses`` (case-insensitive)."""
+        wanted = {s.lower() for s in statuses}
+        return {name for _, name, status in self.tasks if status.lower() in wanted}
+
+
+def parse_queue_status(text: str) -> QueueStatus:
+    """Return the tasks and worker count ``dvc queue status`` printed (a table, then a worker line)."""
+    tasks = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7,40}", parts[0]):
+            tasks.append((parts[0], parts[1], parts[-1]))
+    m = re.search(r"Worker status:\s*(\d+)\s+active,\s*(\d+)\s+idle", text)
+    return QueueStatus(tasks, int(m.group(1)) + int(m.group(2)) if m else 0)
+
+
+def dvc(*args: str, repo: str | Path = ".", check: bool = True, detach: bool = False) -> subprocess.CompletedProcess:
+    """Run ``dvc ARGS`` in ``repo`` with this interpreter's DVC; return the finished process (output as text).
+
+    The interpreter's bin folder goes first on PATH: the queue worker DVC spawns runs
+    ``dvc`` by name, and the stages run ``python``, and both must be this environment's.
+    ``detach`` is for commands that leave a process behind (``queue start``): their
+    output is discarded, since the worker would hold a pipe open until it exits.
+    """
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    argv = [sys.executable, "-m", "dvc", *args]
+    if detach:
+        out = subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, check=False, start_new_session=True)
+    else:
+        out = subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             check=False)
+    if check and out.returncode:
+        last = [ln for ln in ((out.stderr or "") + (out.stdout or "")).splitlines() if ln.strip()]
+        why = last[-1] if last else f"exit status {out.returncode}; run `dvc {' '.join(args)}` to see why"
+        raise YoloPruneError(f"dvc {' '.join(args[:3])} failed: {why}")
+    return out
+
+
+def experiments_in(repo: str | Path = ".") -> list[ExpRecord]:
+    """Return the experiments of the current commit (``dvc exp show --json``)."""
+    return parse_exp_show(dvc("exp", "show", "--json", repo=repo).stdout)
+
+
+def queue_status(repo: str | Path = ".") -> QueueStatus:
+    """Return ``dvc queue status``, parsed."""
+    return parse_queue_status(dvc("queue", "status", repo=repo).stdout)
+
+
+def _matches(params: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Return whether ``params`` has every dotted key of ``settings`` at that value (numbers compared as numbers)."""
+    for key, want in settings.items():
+        node: Any = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(node, (int, float)):
+            if not math.isclose(node, want, rel_tol=1e-9):
+                return False
+        elif node != want:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """What ``queue`` does: experiments to queue (some with ``--force``), failed tasks to remove, ones to leave."""
+
+    to_queue: list[Experiment]
+    force: set[str]  # names whose finished result has other params than the sweep's: queued with -f to replace it
+    remove: list[str]  # task ids of failed runs, removed from the queue before their experiment is queued again
+    skipped: list[str]
+
+
+def plan_queue(experiments: Sequence[Experiment], records: Iterable[ExpRecord], pending: Iterable[str] = (),
+               profile: dict[str, Any] | None = None) -> QueuePlan:
+    """Return which experiments to queue: those neither finished with the sweep's params nor queued nor running.
+
+    ``records`` are the current commit's experiments; ``pending`` the names the queue
+    holds as queued or running for any commit.
+    """
+    by_name: dict[str, list[ExpRecord]] = {}
+    for r in records:
+        by_name.setdefault(r.name, []).append(r)
+    pending = set(pending)
+    plan = QueuePlan([], set(), [], [])
+    for e in experiments:
+        recs = by_name.get(e.dvc_name, [])
+        if e.dvc_name in pending or any(r.pending for r in recs):
+            plan.skipped.append(e.name)
+            continue
+        done = [r for r in recs if r.finished]
+        if done and all(_matches(r.params, e.settings(profile)) for r in done):
+            plan.skipped.append(e.name)
+            continue
+        if done:
+            plan.force.add(e.name)
+        plan.remove.extend(r.task_id for r in recs if r.state == FAILED and r.task_id)
+        plan.to_queue.append(e)
+    return plan
+
+
+def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePlan:
+    """Queue the study's experiments that are not queued, running or done yet; return what was done."""
+    _warn_if_dirty(repo)
+    _warn_if_uncached(repo)
+    plan = plan_queue(experiments, experiments_in(repo), queue_status(repo).names("queued", "running"))
+    for task in plan.remove:
+        dvc("queue", "remove", task, repo=repo)
+    for e in plan.to_queue:
+        argv = e.command()
+        if e.name in plan.force:
+            LOGGER.warning("%s: its result was run with other params than the sweep's; queued again to replace it",
+                           e.dvc_name)
+            argv.insert(3, "--force")
+        dvc(*argv, repo=repo)
+        LOGGER.info("queued %s", e.dvc_name)
+    LOGGER.info("%d queued, %d already queued, running or done", len(plan.to_queue), len(plan.skipped))
+    return plan
+
+
+def _warn_if_dirty(repo: str | Path) -> None:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "dvc.yaml", "params.yaml",
+                          "stages", "yoloprune"], cwd=repo, capture_output=True, text=True, check=False)
+    if out.stdout.strip():
+        LOGGER.warning("the pipeline has uncommitted changes: the queued experiments include them, so the report "
+                       "will not reproduce from a commit; commit first for a study of record")
+
+
+def uncached_stages(pipeline: dict[str, Any]) -> list[str]:
+    """Return the stages of a parsed ``dvc.yaml`` that DVC's run cache skips: those with a ``persist`` output.
+
+    DVC neither saves nor restores such a stage from the run cache (``dvc/stage/cache.py``,
+    ``_can_hash``), so every experiment recomputes it, however often the same inputs recur.
+    """
+    found = []
+    for name, stage in (pipeline.get("stages") or {}).items():
+        for out in (stage or {}).get("outs") or []:
+            opts = next(iter(out.values()), None) if isinstance(out, dict) else None
+            if isinstance(opts, dict) and opts.get("persist"):
+                found.append(name)
+                break
+    return found
+
+
+def _warn_if_uncached(repo: str | Path) -> None:
+    path = Path(repo) / "dvc.yaml"
+    stages = uncached_stages(yaml.safe_load(path.read_text()) or {}) if path.is_file() else []
+    if stages:
+        LOGGER.warning("dvc.yaml: stage(s) %s have a `persist: true` output, which turns DVC's run cache off for "
+                       "them: every experiment recomputes them (a baseline is trained again for each), so the sweep "
+                       "takes many times longer; drop `persist` there for the study", ", ".join(stages))
+
+
+def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: float = 60) -> list[str]:
+    """Start the queue worker (one: experiments share the CPU badly) and wait until none of the study's is pending.
+
+    Return the names of the study's experiments that failed. Interrupting the wait
+    leaves the worker running in the background.
+    """
+    names = {e.dvc_name for e in experiments}
+    dvc("queue", "start", "-j", "1", repo=repo, detach=True)
+    idle_polls = 0
+    while True:
+        status = queue_status(repo)
+        pending = sorted(status.names("queued", "running") & names)
+        if not pending:
+            break
+        # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for two polls in a row,
+        # never sooner: a worker just started may not be registered yet, and a second one would run two at once.
+        idle_polls = idle_polls + 1 if status.workers == 0 else 0
+        if idle_polls >= 2:
+            LOGGER.warning("no queue worker is running; starting one")
+            dvc("queue", "start", "-j", "1", repo=repo, detach=True)
+            idle_polls = 0
+        running = sorted(status.names("running") & names)
+        LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
+                    ", ".join(running) or "none yet")
+        time.sleep(poll_s)
+    failed = [r for r in experiments_in(repo) if r.name in names and r.state == FAILED]
+    for r in failed:
+        LOGGER.warning("%s failed; its log: %s (`make study` queues it again)", r.name, r.log)
+    return [r.name for r in failed]
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+COLUMNS = {  # column -> (metrics file, key) of the experiment's metrics
+    "map_base": ("metrics/benchmark.json", "baseline_map50_95"),
+    "map_pruned": ("metrics/benchmark.json", "pruned_map50_95"),
+    "map_ft": ("metrics/benchmark.json", "finetuned_map50_95"),
+    "retention": ("metrics/benchmark.json", "retention_pct"),
+    "params_base": ("metrics/benchmark.json", "baseline_params"),
+    "params_ft": ("metrics/benchmark.json", "finetuned_params"),
+    "macs_base": ("metrics/benchmark.json", "baseline_macs"),
+    "macs_ft": ("metrics/benchmark.json", "finetuned_macs"),
+    "achieved": ("metrics/benchmark.json", "macs_speed_up"),
+    "lat_base": ("metrics/benchmark.json", "baseline_latency_ms"),
+    "lat_ft": ("metrics/benchmark.json", "finetuned_latency_ms"),
+    "lat_speed_up": ("metrics/benchmark.json", "latency_speed_up"),
+    "parity": ("metrics/benchmark.json", "onnx_parity_rel_error"),
+    "ft_epochs_run": ("metrics/finetune.json", "epochs"),
+    "base_epochs_run": ("metrics/baseline.json", "epochs"),
+}
+PARAM_COLUMNS = {"model": "model", "method": "method", "target": "speed_up", "imgsz": "imgsz",
+                 "round_to": "prune.round_to", "ft_epochs": "finetune.epochs", "base_epochs": "baseline.epochs"}
+BASELINE_OUT = "models/baseline.pt"
+
+
+def collect(records: Iterable[ExpRecord], experiments: Sequence[Experiment]) -> pd.DataFrame:
+    """Return one row per finished experiment of the sweep, in sweep order: its params and metrics."""
+    order = {e.dvc_name: i for i, e in enumerate(experiments)}
+    rows = []
+    for r in records:
+        if r.name not in order or not r.finished or "metrics/benchmark.json" not in r.metrics:
+            continue
+        row: dict[str, Any] = {"experiment": r.name.removeprefix(PREFIX), "rev": r.rev, "timestamp": r.timestamp,
+                               "baseline_md5": r.outs.get(BASELINE_OUT), "_order": order[r.name]}
+        for col, key in PARAM_COLUMNS.items():
+            node: Any = r.params
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            row[col] = node
+        for col, (path, key) in COLUMNS.items():
+            row[col] = r.metrics.get(path, {}).get(key)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["experiment", "rev", "timestamp", "baseline_md5", "_order", *PARAM_COLUMNS,
+                                     *COLUMNS])
+    df = df.sort_values(["_order", "timestamp"], ascending=[True, False], na_position="last")  # newest run first
+    df = df.drop(columns="_order").drop_duplicates("experiment").reset_index(drop=True)
+    df["family"] = df["model"].map(lambda m: family(m) if isinstance(m, str) else None)
+    for col in COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in ("target", "round_to", "ft_epochs", "base_epochs", "imgsz"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def missing(records: Iterable[ExpRecord], experiments: Sequence[Experiment]) -> dict[str, str]:
+    """Return each experiment of the sweep that has no finished result, with its state (or "not queued")."""
+    states: dict[str, str] = {}
+    for r in records:
+        if r.finished:
+            states[r.name] = DONE
+        elif states.get(r.name) != DONE:
+            states[r.name] = r.state if r.state != DONE else "incomplete"
+    return {e.name: states.get(e.dvc_name, "not queued") for e in experiments if states.get(e.dvc_name) != DONE}
+
+
+def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bool]:
+    """Return, for each point, whether no other point is at least as fast and as accurate, and better in one.
+
+    Identical points do not dominate each other (both stay on the front); a point
+    with a missing value is never on it.
+    """
+    pts = [(float(x), float(y)) for x, y in zip(latency, accuracy, strict=True)]
+    ok = [not (math.isnan(x) or math.isnan(y)) for x, y in pts]
+
+    def dominated(i: int) -> bool:
+        x, y = pts[i]
+        return any(ok[j] and pts[j][0] <= x and pts[j][1] >= y and pts[j] != (x, y) for j in range(len(pts)))
+
+    return [ok[i] and not dominated(i) for i in range(len(pts))]
+
+
+def points(df: pd.DataFrame, control_results: Sequence[dict] = ()) -> pd.DataFrame:
+    """Return the plot's points: each pruned model, each family's baseline and each control, and the Pareto front.
+
+    A baseline is measured again in every experiment of its family; its point takes the
+    median latency of those runs.
+    """
+    rows = [{"label": r.experiment, "kind": "pruned", "family": r.family, "latency_ms": r.lat_ft,
+             "map50_95": r.map_ft} for r in df.itertuples()]
+    for fam, group in df.groupby("family", sort=False):
+        rows.append({"label": f"{fam} baseline", "kind": "baseline", "family": fam,
+                     "latency_ms": group["lat_base"].median(), "map50_95": group["map_base"].median()})
+    for c in control_results:
+        rows.append({"label": c["name"], "kind": "control", "family": c["family"],
+                     "latency_ms": c.get("latency_ms"), "map50_95": c.get("map50_95")})
+    pts = pd.DataFrame(rows, columns=["label", "kind", "family", "latency_ms", "map50_95"])
+    pts["latency_ms"] = pd.to_numeric(pts["latency_ms"], errors="coerce")
+    pts["map50_95"] = pd.to_numeric(pts["map50_95"], errors="coerce")
+    pts["front"] = pareto_front(pts["latency_ms"], pts["map50_95"])
+    return pts
+
+
+@dataclass(frozen=True)
+class Target:
+    """Issue 9's bar at one MACs speed-up: fine-tuned mAP50-95 retention and ONNX Runtime latency speed-up."""
+
+    speed_up: float
+    min_retention_pct: float
+    min_latency_speed_up: float
+
+
+TARGETS = (Target(2.0, 97.0, 1.7), Target(3.0, 93.0, 2.4))
+MACS_TOLERANCE = 0.02  # achieved MACs speed-up within +-2 % of every target
+
+
+def check_targets(df: pd.DataFrame, targets: Sequence[Target] = TARGETS,
+                  macs_tolerance: float = MACS_TOLERANCE) -> pd.DataFrame:
+    """Return one row per (experiment, criterion): required, measured, gap (measured minus the bar) and met.
+
+    Every pruned experiment is checked for its MACs speed-up (gap: the tolerance left);
+    those at a target speed-up also for retention and latency speed-up.
+    """
+    rows = []
+    for r in df.itertuples():
+        if pd.isna(r.target):
+            continue
+        err = r.achieved / r.target - 1 if pd.notna(r.achieved) else math.nan
+        rows.append({"experiment": r.experiment, "target": r.target, "criterion": "MACs speed-up error",
+                     "required": f"within ±{macs_tolerance:.0%}", "measured": err, "gap": macs_tolerance - abs(err),
+                     "unit": "%"})
+        bar = next((t for t in targets if math.isclose(t.speed_up, r.target)), None)
+        if bar is None:
+            continue
+        rows.append({"experiment": r.experiment, "target": r.target, "criterion": "mAP50-95 retention",
+                     "required": f"≥ {bar.min_retention_pct:g} %", "measured": r.retention,
+                     "gap": r.retention - bar.min_retention_pct, "unit": "pt"})
+        rows.append({"experiment": r.experiment, "target": r.target, "criterion": "latency speed-up",
+                     "required": f"≥ {bar.min_latency_speed_up:g}×", "measured": r.lat_speed_up,
+                     "gap": r.lat_speed_up - bar.min_latency_speed_up, "unit": "×"})
+    out = pd.DataFrame(rows, columns=["experiment", "target", "criterion", "required", "measured", "gap", "unit"])
+    out["met"] = out["gap"].map(lambda g: bool(pd.notna(g) and g >= 0))
+    return out
+
+
+def with_control(df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFrame:
+    """Return ``df`` with ``retention_ctrl``: fine-tuned mAP as % of its family's control, at the control's epochs.
+
+    A control matches an experiment with the same baseline (by hash) and the same
+    number of fine-tune epochs; other rows get NaN.
+    """
+    df = df.copy()
+    df["map_ctrl"] = math.nan
+    for c in control_results:
+        same = (df["baseline_md5"] == c.get("baseline_md5")) & (df["ft_epochs"] == c.get("epochs"))
+        df.loc[same, "map_ctrl"] = c.get("map50_95")
+    df["retention_ctrl"] = 100 * df["map_ft"] / df["map_ctrl"]
+    return df
+
+
+# --- the reading: prose generated from the table alone --------------------------------------------------------------
+
+def _row(df: pd.DataFrame, name: str) -> Any:
+    hit = df[df["experiment"] == name]
+    return next(hit.itertuples()) if len(hit) else None
+
+
+def _rows(df: pd.DataFrame, names: Iterable[str]) -> list:
+    return [r for r in (_row(df, n) for n in names) if r is not None]
+
+
+def _pending(names: Iterable[str]) -> str:
+    return f"Not measured yet ({', '.join(names)} unfinished)."
+
+
+def reading(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_results: Sequence[dict]) -> dict:
+    """Return the report's sentences, one per finding, each computed from the tables (never typed in)."""
+    out: dict[str, str] = {}
+    front = pts.loc[pts["front"].astype(bool)].sort_values("latency_ms")
+    out["front"] = ("On the Pareto front (no other model at least as fast and as accurate): " + "; ".join(
+        f"{p.label} ({p.latency_ms:.2f} ms, mAP50-95 {p.map50_95:.3f})" for p in front.itertuples()) + "."
+        if len(front) else "No points yet.")
+
+    if len(checks):
+        missed = checks[~checks["met"]]
+        worst = "; ".join(f"{m.experiment} {m.criterion} {_measured(m)} vs {m.required} (gap {_gap(m)})"
+                          for m in missed.itertuples())
+        out["targets"] = (f"{int(checks['met'].sum())} of {len(checks)} target checks met."
+                          + (f" Missed: {worst}." if len(missed) else ""))
+    else:
+        out["targets"] = "No target checks yet."
+
+    pruned = df.dropna(subset=["lat_speed_up", "achieved"])
+    if len(pruned):
+        share = 100 * pruned["lat_speed_up"] / pruned["achieved"]
+        lo, hi = pruned.loc[share.idxmin()], pruned.loc[share.idxmax()]
+        out["latency_vs_macs"] = (
+            f"The ONNX Runtime latency speed-up was a median {share.median():.0f} % of the MACs speed-up over "
+            f"{len(pruned)} pruned models (MACs speed-up -> latency speed-up): least {lo.experiment} "
+            f"{lo.achieved:.2f}× -> {lo.lat_speed_up:.2f}×, most {hi.experiment} {hi.achieved:.2f}× -> "
+            f"{hi.lat_speed_up:.2f}×.")
+    else:
+        out["latency_vs_macs"] = "No pruned models measured yet."
+
+    methods = _rows(df, [exp_name(V8N, m, 2.0) for m in (DEFAULT_METHOD, *METHODS)])
+    if methods:
+        best = max(methods, key=lambda r: r.map_ft)
+        out["methods"] = ("At 2× on yolov8n, fine-tuned mAP50-95 by method: " + ", ".join(
+            f"{r.method} {r.map_ft:.3f} ({r.lat_ft:.2f} ms)" for r in methods) + f"; best: {best.method}.")
+    else:
+        out["methods"] = _pending(["the method series"])
+
+    rounds = sorted(_rows(df, [DEFAULT, *(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-r{r}") for r in ROUND_TOS)]),
+                    key=lambda r: r.round_to)
+    out["round_to"] = ("Same 2× target by round_to: " + ", ".join(
+        f"{r.round_to:g}: {r.lat_ft:.2f} ms ({r.lat_speed_up:.2f}× vs its baseline run), mAP50-95 {r.map_ft:.3f}"
+        for r in rounds) + ".") if rounds else _pending(["the round_to series"])
+
+    budget = _budget(df)
+    out["budget"] = ("Retention at 2× by fine-tune epochs: " + ", ".join(
+        f"{e:g}: {ret:.1f} %" for e, ret in budget) + ".") if budget else _pending([DEFAULT])
+
+    gens = _rows(df, [exp_name(m, DEFAULT_METHOD, s) for m in GENERATIONS for s in GENERATION_SPEED_UPS])
+    out["generations"] = ("By generation (lamp): " + "; ".join(
+        f"{r.family} {r.target:g}× retains {r.retention:.1f} % at {r.lat_speed_up:.2f}× latency" for r in gens)
+        + ".") if gens else _pending(["the generation series"])
+
+    out["frontier"] = _frontier(df)
+    out["control"] = _control(df, control_results)
+    out["remedy"] = _remedy(df)
+    out["recommendation"] = _recommendation(df, checks)
+    return out
+
+
+def _measured(m: Any) -> str:
+    return f"{m.measured:+.1%}" if m.unit == "%" else f"{m.measured:.2f}{' %' if m.unit == 'pt' else m.unit}"
+
+
+def _gap(m: Any) -> str:
+    return f"{m.gap:+.1%}" if m.unit == "%" else f"{m.gap:+.2f}{' pt' if m.unit == 'pt' else m.unit}"
+
+
+def _budget(df: pd.DataFrame) -> list[tuple[float, float]]:
+    """Return (fine-tune epochs, retention %) at 2× on yolov8n: 0 (the pruned model), then each run budget."""
+    default = _row(df, DEFAULT)
+    out = []
+    if default is not None and pd.notna(default.map_pruned) and default.map_base:
+        out.append((0.0, 100 * default.map_pruned / default.map_base))
+    for r in _rows(df, [DEFAULT, *(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-ft{e}") for e in (FEW_EPOCHS, LONG_EPOCHS))]):
+        out.append((float(r.ft_epochs), float(r.retention)))
+    return sorted(out)
+
+
+def _frontier(df: pd.DataFrame) -> str:
+    big, small = _row(df, FRONTIER_NAME), _row(df, DEFAULT)
+    if big is None or small is None:
+        return _pending([n for n, r in ((FRONTIER_NAME, big), (DEFAULT, small)) if r is None])
+    gain = big.map_ft - small.map_base
+    speed = small.lat_base / big.lat_ft
+    verdict = ("worth it: more accurate than the smaller model trained from scratch at the same MACs"
+               if gain > 0 else "not worth it: the smaller model trained from scratch is at least as accurate")
+    return (f"{family(FRONTIER[0])} pruned {big.achieved:.2f}× to {family(FRONTIER[1])}'s MACs reaches mAP50-95 "
+            f"{big.map_ft:.3f} at {big.lat_ft:.2f} ms; {family(FRONTIER[1])} from scratch {small.map_base:.3f} at "
+            f"{small.lat_base:.2f} ms ({gain:+.3f} mAP, {speed:.2f}× its speed): {verdict}.")
+
+
+def _control(df: pd.DataFrame, control_results: Sequence[dict]) -> str:
+    if not control_results:
+        return _pending([c.name for c in controls()])
+    parts = []
+    for c in control_results:
+        gain = c["map50_95"] - c["baseline_map50_95"]
+        rows = df[(df["baseline_md5"] == c["baseline_md5"]) & df["retention_ctrl"].notna()]
+        ret = ", ".join(f"{r.experiment} {r.retention_ctrl:.1f} % (vs baseline {r.retention:.1f} %)"
+                        for r in rows.itertuples())
+        plateau = ("the baseline had plateaued" if abs(gain) < 0.01 else
+                   "the baseline had NOT plateaued: raise PROFILE's baseline.epochs" if gain > 0 else
+                   "further training lowered it")
+        parts.append(f"{c['name']}: {c['epochs']} more epochs on the fine-tune schedule took mAP50-95 "
+                     f"{c['baseline_map50_95']:.3f} -> {c['map50_95']:.3f} ({gain:+.3f}: {plateau})"
+                     + (f"; retention against it: {ret}" if ret else ""))
+    return "; ".join(parts) + "."
+
+
+def _remedy(df: pd.DataFrame) -> str:
+    base, fix = _row(df, exp_name(V8N, DEFAULT_METHOD, 3.0)), _row(df, REMEDY_NAME)
+    if base is None or fix is None:
+        return _pending([n for n, r in ((exp_name(V8N, DEFAULT_METHOD, 3.0), base), (REMEDY_NAME, fix)) if r is None])
+    return (f"A longer fine-tune at 3× ({base.ft_epochs:g} -> {fix.ft_epochs:g} epochs) moved retention "
+            f"{base.retention:.1f} % -> {fix.retention:.1f} % ({fix.retention - base.retention:+.1f} pt).")
+
+
+def _recommendation(df: pd.DataFrame, checks: pd.DataFrame) -> str:
+    methods = _rows(df, [exp_name(V8N, m, 2.0) for m in (DEFAULT_METHOD, *METHODS)])
+    rounds = _rows(df, [DEFAULT, *(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-r{r}") for r in ROUND_TOS)])
+    if not methods or not rounds:
+        return _pending(["the method and round_to series"])
+    method = max(methods, key=lambda r: r.map_ft)
+    best_map = max(r.map_ft for r in rounds)
+    near = [r for r in rounds if r.map_ft >= best_map - 0.01]  # within a point of mAP50-95: latency decides
+    rnd = min(near, key=lambda r: r.lat_ft)
+    met = [t.speed_up for t in TARGETS if (checks["target"] == t.speed_up).any()
+           and checks[checks["target"] == t.speed_up]["met"].all()]
+    speed = (f"the largest speed-up whose targets every measured model met is {max(met):g}×" if met
+             else "no speed-up met all its targets")
+    return (f"By the rule \"highest fine-tuned mAP50-95 at 2×\" the method is {method.method}; by \"fastest "
+            f"round_to within 0.01 mAP50-95 of the best\" round_to is {rnd.round_to:g}; {speed}.")
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+TABLE = [  # (column, header, format)
+    ("experiment", "experiment", "{}"), ("family", "model", "{}"), ("method", "method", "{}"),
+    ("round_to", "round_to", "{:g}"), ("ft_epochs", "ft epochs", "{:g}"), ("target", "target ×", "{:g}"),
+    ("achieved", "MACs ×", "{:.3f}"), ("params_base", "params M (base)", "{:.2f}", 1e-6),
+    ("params_ft", "params M (pruned)", "{:.2f}", 1e-6), ("macs_base", "GMACs (base)", "{:.3f}", 1e-9),
+    ("macs_ft", "GMACs (pruned)", "{:.3f}", 1e-9), ("map_base", "mAP50-95 base", "{:.3f}"),
+    ("map_pruned", "pruned", "{:.3f}"), ("map_ft", "fine-tuned", "{:.3f}"), ("retention", "retention %", "{:.1f}"),
+    ("retention_ctrl", "vs control %", "{:.1f}"), ("lat_base", "latency ms (base)", "{:.2f}"),
+    ("lat_ft", "latency ms (pruned)", "{:.2f}"), ("lat_speed_up", "latency ×", "{:.2f}"),
+]
+
+
+def md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Return a GitHub markdown table."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return spec.format(value * scale if scale != 1.0 else value)
+
+
+def experiments_table(df: pd.DataFrame) -> str:
+    """Return the per-experiment markdown table."""
+    rows = [[_fmt(getattr(r, col), *spec) for col, _, *spec in TABLE] for r in df.itertuples()]
+    return md_table(rows, [h for _, h, *_ in TABLE])
+
+
+def targets_table(checks: pd.DataFrame) -> str:
+    """Return the targets markdown table: met or missed, and by how much."""
+    rows = [[m.experiment, f"{m.target:g}×", m.criterion, m.required, _measured(m) if pd.notna(m.measured) else "–",
+             _gap(m) if pd.notna(m.gap) else "–", "met" if m.met else "**missed**"] for m in checks.itertuples()]
+    return md_table(rows, ["experiment", "target", "criterion", "required", "measured", "gap", ""])
+
+
+def plot(pts: pd.DataFrame, path: str | Path) -> Path:
+    """Write the accuracy-vs-latency scatter (PNG) with the Pareto front marked; return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    colours = {fam: f"C{i}" for i, fam in enumerate(dict.fromkeys(pts["family"]))}
+    markers = {"pruned": "o", "baseline": "s", "control": "X"}
+    for (kind, fam), g in pts.groupby(["kind", "family"], sort=False):
+        ax.scatter(g["latency_ms"], g["map50_95"], marker=markers.get(kind, "o"), s=60 if kind == "pruned" else 80,
+                   edgecolors=colours[fam], facecolors="none" if kind == "baseline" else colours[fam],
+                   label=f"{fam} {kind}", zorder=3)
+    front = pts.loc[pts["front"].astype(bool)].sort_values("latency_ms")
+    if len(front):
+        ax.step(front["latency_ms"], front["map50_95"], where="post", color="black", lw=1, ls="--", zorder=2,
+                label="Pareto front")
+        ax.scatter(front["latency_ms"], front["map50_95"], s=180, facecolors="none", edgecolors="black", zorder=4)
+    for p in pts.itertuples():
+        if pd.notna(p.latency_ms) and pd.notna(p.map50_95):
+            ax.annotate(p.label, (p.latency_ms, p.map50_95), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("ONNX Runtime CPU latency (ms, median, batch 1)")
+    ax.set_ylabel("mAP50-95 (after fine-tuning)")
+    ax.set_title("Accuracy vs latency: pruned models, baselines and controls")
+    ax.grid(alpha=0.3)
+    if len(pts):
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the report says besides the numbers: where they came from and how to make them again."""
+
+    commit: str = "unknown"
+    commands: list[str] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    measured_by: str = ""  # where machine and versions come from
+    missing: dict[str, str] = field(default_factory=dict)  # experiment -> state
+    span: str = ""
+
+
+def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_results: Sequence[dict],
+           ctx: Context) -> str:
+    """Return ``results.md``: the reading, the plot, the tables, the commands, machine and versions."""
+    said = reading(df, pts, checks, control_results)
+    done = f"{len(df)} of {len(df) + len(ctx.missing)} experiments finished" + (f" ({ctx.span})" if ctx.span else "")
+    lines = [
+        "# Pruning study: accuracy and real speed",
+        "",
+        ("<!-- Generated by `python -m yoloprune.study report` from DVC experiments; do not edit: `make study` "
+         "rewrites it. -->"),
+        "",
+        (f"Every figure below comes from the project's own pipeline (`dvc.yaml`), run as DVC experiments from "
+         f"commit `{ctx.commit}`; {done}. mAP50-95 is measured on the validation split with ONNX Runtime, latency "
+         "is the median ONNX Runtime CPU forward pass at batch 1 (see *Machine and versions*)."),
+        "",
+        "![mAP50-95 after fine-tuning vs ONNX Runtime CPU latency](results.png)",
+        "",
+        ("Filled circles: pruned and fine-tuned; hollow squares: baselines (median latency over their runs); "
+         "crosses: equal-budget controls; ringed and joined: the Pareto front."),
+        "",
+        "## Reading",
+        "",
+        *(f"- **{title}.** {said[key]}" for key, title in READING),
+        "",
+        "## Targets (issue 9)",
+        "",
+        ("At 2× MACs: fine-tuned mAP50-95 ≥ 97 % of the baseline and ONNX Runtime latency speed-up ≥ 1.7×; at 3×: "
+         "≥ 93 % and ≥ 2.4×; every achieved MACs speed-up within ±2 % of its target. Gap: measured minus the bar "
+         "(MACs: tolerance left)."),
+        "",
+        targets_table(checks) if len(checks) else "_No finished experiments yet._",
+        "",
+        "## All experiments",
+        "",
+        ("mAP50-95 *base* is the baseline, *pruned* before fine-tuning (PyTorch validation), *fine-tuned* after; "
+         "retention is fine-tuned / base; *vs control* is fine-tuned / the equal-budget control (same baseline, "
+         "same fine-tune epochs). Latency speed-up compares the baseline and the pruned model timed in the same run."),
+        "",
+        experiments_table(df) if len(df) else "_No finished experiments yet._",
+        "",
+        "## Equal-budget controls",
+        "",
+        _controls_table(control_results),
+        "",
+    ]
+    if ctx.missing:
+        lines += ["## Not finished", "", md_table([[n, s] for n, s in ctx.missing.items()], ["experiment", "state"]),
+                  "", "`make study` queues what is missing and waits for it.", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```bash",
+        "make study   # resumable: run it again after an interruption; finished stages come from DVC's run cache",
+        "```",
+        "",
+        "It runs these, in order (`dvc` is the project's venv's):",
+        "",
+        "```bash",
+        *ctx.commands,
+        "```",
+        "",
+        ("The points as a `dvc plots` view: `dvc plots show docs/study/points.json --template scatter "
+         "-x latency_ms -y map50_95`."),
+        "",
+        "## Machine and versions",
+        "",
+        f"{ctx.measured_by}",
+        "",
+        md_table([[k, _fmt(v, "{:.2f}") if isinstance(v, float) else v]
+                  for k, v in {**ctx.machine, **ctx.versions}.items()], ["", ""]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+READING = [("front", "Pareto front"), ("targets", "Targets"), ("latency_vs_macs", "Latency vs MACs"),
+           ("methods", "Importance method"), ("round_to", "round_to"), ("budget", "Fine-tune budget"),
+           ("generations", "Generations"), ("frontier", "Family frontier"), ("control", "Equal-budget control"),
+           ("remedy", "Remedy tried"), ("recommendation", "Recommended default")]
+
+
+def _controls_table(control_results: Sequence[dict]) -> str:
+    if not control_results:
+        return "_Not run yet (`python -m yoloprune.study control`)._"
+    rows = [[c["name"], c["source"], c["epochs"], _fmt(c["baseline_map50_95"], "{:.3f}"), _fmt(c["map50_95"], "{:.3f}"),
+             _fmt(c["latency_ms"], "{:.2f}")] for c in control_results]
+    return md_table(rows, ["control", "baseline of", "extra epochs", "mAP50-95 baseline", "mAP50-95 control",
+                           "latency ms"])
+
+
+def write_report(df: pd.DataFrame, control_results: Sequence[dict], ctx: Context, out_dir: str | Path = OUT_DIR
+                 ) -> tuple[Path, Path]:
+    """Write ``results.md``, ``results.png`` and ``study/{experiments.csv,points.json}`` under ``out_dir``, atomically.
+
+    Return the paths of the markdown and the PNG.
+    """
+    out_dir = Path(out_dir)
+    df = with_control(df, control_results)
+    pts = points(df, control_results)
+    checks = check_targets(df)
+    png = plot(pts, out_dir / "results.png")
+    md = out_dir / "results.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(render(df, pts, checks, control_results, ctx))
+    with atomic_path(out_dir / "study" / "experiments.csv") as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out_dir / "study" / "points.json") as tmp:
+        tmp.write_text(pts.to_json(orient="records", indent=2) + "\n")
+    return md, png
+
+
+def read_controls(out_dir: str | Path = OUT_DIR) -> list[dict]:
+    """Return the control results written by ``run_control``, in ``controls()`` order."""
+    found = []
+    for c in controls():
+        path = Path(out_dir) / "study" / f"{c.name}.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+    return found
+
+
+def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], repo: str | Path = ".") -> Context:
+    """Return the report's provenance: commit, commands, the benchmark's machine and versions, what is missing."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
+    commit = next((r.baseline for r in records), head.stdout.strip())[:12] or "unknown"
+    commands = [f"dvc {' '.join(e.command())}" for e in experiments]
+    commands += ["dvc queue start -j 1   # one worker: experiments would share 2 CPU cores badly",
+                 "python -m yoloprune.study control   # the equal-budget controls (docs/study/*-control.json)",
+                 "python -m yoloprune.study report    # this file, results.png, docs/study/"]
+    machine, versions, measured_by = {}, {}, ""
+    names = {e.dvc_name for e in experiments}
+    source = next((r for r in records if r.finished and r.name in names), None)
+    if source is not None:
+        shown = subprocess.run(["git", "show", f"{source.rev}:metrics/benchmark_full.json"], cwd=repo,
+                               capture_output=True, text=True, check=False)
+        if shown.returncode == 0:
+            base = json.loads(shown.stdout).get("base", {})
+            machine, versions = base.get("machine", {}), base.get("versions", {})
+            measured_by = f"As recorded by the benchmark stage of {source.name} (`metrics/benchmark_full.json`):"
+    if not machine:
+        import torch
+
+        from yoloprune.benchmark import library_versions, machine_info
+
+        machine, versions = machine_info(torch.device("cpu")), library_versions("onnx")
+        measured_by = "Collected when this report was written (no experiment's benchmark record was readable):"
+    stamps = sorted(r.timestamp for r in records if r.finished and r.name in names and r.timestamp)
+    span = f"finished between {stamps[0]} and {stamps[-1]}" if stamps else ""
+    return Context(commit, commands, machine, versions, measured_by, missing(records, experiments), span)
+
+
+def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR
+           ) -> tuple[Path, Path]:
+    """Collect the finished experiments and controls and write the report; return the markdown and PNG paths."""
+    records = experiments_in(repo)
+    df = collect(records, experiments)
+    md, png = write_report(df, read_controls(out_dir), context(records, experiments, repo), out_dir)
+    LOGGER.info("wrote %s and %s (%d experiments)", md, png, len(df))
+    return md, png
+
+
+# --- the equal-budget control ---------------------------------------------------------------------------------------
+
+def run_control(control: Control, repo: str | Path = ".", out_dir: str | Path = OUT_DIR,
+                work_dir: str | Path = WORK_DIR) -> dict | None:
+    """Train ``control.source``'s baseline the fine-tune's epochs more, as the finetune stage does; return the result.
+
+    The baseline is read from DVC's cache at the experiment's commit; the data is made
+    again from the same params (the dataset stage is seeded: same bytes). mAP and
+    latency are measured as the benchmark stage measures them. The result
+    (``out_dir/study/<name>.json``) is reused while the baseline and settings match.
+    Return None when the source experiment has not finished.
+    """
+    import dvc.api
+
+    from yoloprune.benchmark import benchmark
+    from yoloprune.finetune import finetune
+    from yoloprune.io import load_model, save_model
+
+    dvc_name = PREFIX + control.source
+    source = next((r for r in experiments_in(repo) if r.name == dvc_name and r.finished), None)
+    if source is None:
+        LOGGER.warning("%s: %s has not finished; run the sweep first", control.name, dvc_name)
+        return None
+    params = source.params  # as the experiment's stages read (and validated) them
+    f, b = params["finetune"], params["benchmark"]
+    settings = {"epochs": f["epochs"], "finetune": f, "imgsz": params["imgsz"], "data": params["data"],
+                "dataset": params["dataset"], "benchmark": b, "baseline_md5": source.outs.get(BASELINE_OUT)}
+    path = Path(out_dir) / "study" / f"{control.name}.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in settings} == settings:
+            LOGGER.info("%s: up to date (%s)", control.name, path)
+            return old
+    work = Path(work_dir) / control.name
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = work / "baseline.pt"
+    with dvc.api.open(BASELINE_OUT, repo=str(repo), rev=source.rev, mode="rb") as src, atomic_path(baseline) as tmp:
+        tmp.write_bytes(src.read())
+    if params["data"] == SYNTHETIC:
+        from yoloprune.data import make_dataset
+
+        d = params["dataset"]
+        data = make_dataset(work / "data", n_train=d["n_train"], n_val=d["n_val"], imgsz=params["imgsz"],
+                            seed=d["seed"])
+    else:
+        data = Path(params["data"])
+    extra = dict(f.get("args") or {})  # the finetune stage's other Ultralytics settings, where params has them
+    if "workers" in f:
+        extra["workers"] = f["workers"]
+    result = finetune(baseline, data, epochs=f["epochs"], imgsz=params["imgsz"], batch=f["batch"],
+                      device=str(f["device"]), out_dir=work / "finetune", **extra)
+    trained = save_model(load_model(result.best), work / "control.pt", {"control_of": dvc_name,
+                                                                         "epochs": result.epochs})
+    measured = benchmark(trained, imgsz=params["imgsz"], runtime="onnx", data=str(data), iters=b["iters"],
+                         warmup=b["warmup"], threads=b["threads"])
+    out = {"name": control.name, "source": control.source, "family": family(params["model"]),
+           "baseline_map50_95": source.metrics.get("metrics/benchmark.json", {}).get("baseline_map50_95"),
+           "map50_95": measured.get("map50_95"), "latency_ms": measured["latency_median_ms"], **settings}
+    write_json(out, path)
+    LOGGER.info("%s: mAP50-95 %.3f -> %.3f", control.name, out["baseline_map50_95"] or math.nan, out["map50_95"])
+    return out
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def _plan(experiments: Sequence[Experiment]) -> str:
+    profile = ", ".join(f"{k}={yaml_value(v)}" for k, v in PROFILE.items())
+    lines = [f"{len(experiments)} experiments (profile: {profile}):"]
+    width = max(len(e.name) for e in experiments)
+    lines += [f"  {e.name:<{width}}  {e.purpose}" for e in experiments]
+    lines += ["", "controls: " + ", ".join(f"{c.name} (baseline of {c.source})" for c in controls()), "", "commands:"]
+    lines += [f"  dvc {' '.join(e.command())}" for e in experiments]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command of the study; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m yoloprune.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="the pipeline's params file (default: params.yaml)")
+    parser.add_argument("--out", default=str(OUT_DIR), help="where the report goes (default: docs)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plan", help="print the experiments and the commands that queue them")
+    sub.add_parser("queue", help="queue the experiments not yet queued, running or done")
+    run_p = sub.add_parser("run", help="start the queue worker and wait for the study's experiments")
+    run_p.add_argument("--poll", type=float, default=60, help="seconds between checks of the queue (default 60)")
+    sub.add_parser("control", help="train the equal-budget controls")
+    sub.add_parser("report", help="write docs/results.md, docs/results.png and docs/study/")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        experiments = study_sweep(args.params)
+        if args.command == "plan":
+            print(_plan(experiments))
+            _warn_if_uncached(".")
+        elif args.command == "queue":
+            queue(experiments)
+        elif args.command == "run":
+            failed = wait(experiments, poll_s=args.poll)
+            if failed:
+                LOGGER.warning("%d experiment(s) failed: %s", len(failed), ", ".join(failed))
+        elif args.command == "control":
+            for c in controls():
+                run_control(c, out_dir=args.out)
+        else:
+            report(experiments, out_dir=args.out)
+    except YoloPruneError as e:
+        print(f"yoloprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yoloprune: interrupted; queued experiments keep running in the background (`dvc queue status`); "
+              "`make study` again resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
