@@ -56,7 +56,7 @@ WORK_DIR = Path("runs/study")  # scratch space of the controls (git-ignored)
 # a pruned model look 103 % as good), pinned here so that a quicker default in params.yaml cannot shorten them, and
 # latency medians that hold still on a shared CPU. The controls check the plateau (see `_control`).
 PROFILE: dict[str, Any] = {
-    "baseline.epochs": 40,
+    "baseline.epochs": 60,
     "benchmark.iters": 100,
     "benchmark.warmup": 10,
 }
