@@ -40,7 +40,7 @@ def _check_supported(model: nn.Module, source: str) -> nn.Module:
 
 
 def load_model(source: str | Path, nc: int | None = None) -> nn.Module:
-    """Return the Ultralytics model in a ``.pt`` checkpoint, or built from a model yaml (random weights).
+    """Return the Ultralytics model in a ``.pt`` checkpoint, or built from a model yaml (random weights, seeded).
 
     ``nc`` builds a yaml model for that many classes (as training from a yaml on a
     dataset does); it is ignored for checkpoints, whose class count is trained in.
@@ -85,10 +85,13 @@ def _from_yaml(name: str, nc: int | None = None) -> nn.Module:
     from ultralytics import YOLO
 
     try:
-        yolo = YOLO(name, verbose=False)
-        model = yolo.model
-        if nc is not None and nc != model.yaml.get("nc"):  # rebuilt, so the head's widths follow nc as in training
-            model = yolo.task_map[yolo.task]["model"](model.yaml, nc=nc, verbose=False)
+        with torch.random.fork_rng():  # seeded: the same yaml gives the same random weights, run after run
+            torch.manual_seed(0)
+            yolo = YOLO(name, verbose=False)
+            model = yolo.model
+            if nc is not None and nc != model.yaml.get("nc"):  # rebuilt, so the head's widths follow nc as in training
+                torch.manual_seed(0)
+                model = yolo.task_map[yolo.task]["model"](model.yaml, nc=nc, verbose=False)
     except NotImplementedError as e:  # a yaml of another family (RT-DETR, ...) that YOLO() cannot build
         raise YoloPruneError(f"{name}: this model family is not supported; yoloprune prunes {SUPPORTED}") from e
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
