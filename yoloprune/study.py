@@ -355,8 +355,12 @@ def dvc(*args: str, repo: str | Path = ".", check: bool = True, detach: bool = F
 
 
 def experiments_in(repo: str | Path = ".") -> list[ExpRecord]:
-    """Return the experiments of the current commit (``dvc exp show --json``)."""
-    return parse_exp_show(dvc("exp", "show", "--json", repo=repo).stdout)
+    """Return the experiments of every commit (``dvc exp show --json --all-commits``).
+
+    Every commit: a sweep resumed after new commits landed still finds the experiments it ran
+    from older ones (the report names the commit of each).
+    """
+    return parse_exp_show(dvc("exp", "show", "--json", "--all-commits", repo=repo).stdout)
 
 
 def queue_status(repo: str | Path = ".") -> QueueStatus:
