@@ -58,8 +58,11 @@ def test_prune_reaches_target_and_keeps_outputs(name, speed_up):
     assert report.speed_up == pytest.approx(speed_up, rel=0.02)
     assert report.pruned_macs < report.base_macs and report.pruned_params < report.base_params
     # An independent count (thop, on the branch inference runs) agrees with the report.
+    # thop counts modules only, not the attention blocks' matrix products, which yoloprune counts; attention is not
+    # pruned, so its share grows with the speed-up: 2 % apart for yolo26n at 3x. Hence 3 % for attention models.
     independent = thop_macs(base, 640) / thop_macs(model, 640)
-    assert independent == pytest.approx(report.speed_up, rel=0.02)
+    has_attention = any(isinstance(m, AttentionV2) for m in model.modules())
+    assert independent == pytest.approx(report.speed_up, rel=0.03 if has_attention else 0.02)
 
     assert output_shapes(model) == output_shapes(base)
     converted = copy.deepcopy(base)

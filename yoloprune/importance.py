@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch_pruning as tp
 
 from yoloprune.errors import YoloPruneError
@@ -66,6 +67,30 @@ def _taylor():
 @register("bn_scale", doc="|gamma| of the BatchNorm after each conv (network slimming)")
 def _bn_scale():
     return tp.importance.BNScaleImportance()
+
+
+class TieBreak(tp.importance.Importance):
+    """Wrap an importance so that equal scores rank in a fixed, arbitrary order.
+
+    Torch-Pruning's global ranking prunes every channel scoring at or below the k-th
+    lowest score; when many channels tie (``bn_scale`` on BatchNorms still at gamma = 1,
+    magnitudes of zero-initialised layers), every group then asks to lose all its
+    channels, exceeds the per-layer limit, and nothing is pruned at all. A seeded jitter
+    a million times smaller than the group's largest score orders the ties and changes
+    no other comparison.
+    """
+
+    def __init__(self, inner: tp.importance.Importance, seed: int = 0, eps: float = 1e-6) -> None:
+        self.inner, self.eps = inner, eps
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group, **kwargs):
+        """Return the inner importance of ``group`` plus the jitter (None where the inner one gives None)."""
+        imp = self.inner(group, **kwargs)
+        if imp is None:
+            return None
+        scale = float(imp.abs().max()) or 1.0
+        return imp + self.eps * scale * torch.rand(imp.shape, generator=self.generator).to(imp)
 
 
 def get_method(name: str) -> Method:

@@ -24,7 +24,7 @@ from ultralytics.nn.modules.block import Proto
 
 from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
-from yoloprune.importance import get_method
+from yoloprune.importance import TieBreak, get_method
 from yoloprune.macs import MacCounter, count_params
 from yoloprune.modules import AttentionV2
 
@@ -190,7 +190,7 @@ def prune_model(
     pruner = tp.pruner.BasePruner(
         model,
         example,
-        importance=method.build(),
+        importance=TieBreak(method.build(), cfg.seed),
         global_pruning=cfg.global_pruning,
         pruning_ratio=1.0,
         max_pruning_ratio=cfg.max_layer_ratio,
