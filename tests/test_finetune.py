@@ -18,9 +18,12 @@ from yoloprune.data import make_dataset
 from yoloprune.errors import YoloPruneError
 from yoloprune.finetune import (
     BEST_FP32,
+    RESUME_STATE,
+    EpochShuffle,
     PrunedDetectionTrainer,
     _is_integration,
     can_resume,
+    epoch_seed,
     finetune,
     match_dataset,
 )
@@ -118,14 +121,14 @@ def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
         if trainer.epoch == 0:
             raise Interrupted
 
-    with pytest.raises(Interrupted):
-        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out,
+    with pytest.raises(Interrupted):  # nbs=batch: one optimiser step per batch, which an exact resume needs
+        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, nbs=4, out_dir=out,
                  callbacks={"on_model_save": [stop_after_first_epoch]})
     last = torch.load(out / "weights" / "last.pt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0 and last["optimizer"] is not None
     assert (out / "weights" / BEST_FP32).exists()  # the fp32 best survives the interruption
     # a re-run (a DVC stage run again) may pick it up only with the same model bytes, data and settings
-    same = {"epochs": 2, "imgsz": IMGSZ, "batch": 4}
+    same = {"epochs": 2, "imgsz": IMGSZ, "batch": 4, "nbs": 4}
     assert can_resume(out, pruned, dataset, **same)
     assert not can_resume(out, pruned, dataset, **{**same, "epochs": 3})
     model = load_model(pruned)
@@ -144,8 +147,54 @@ def test_resume_continues_an_interrupted_run(tmp_path, pruned, dataset):
     model = load_ckpt_model(result.best)
     assert shapes(model) == shapes(load_model(pruned))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not (out / "weights" / RESUME_STATE).exists()  # a finished run keeps no resume state
     with pytest.raises(YoloPruneError, match="already finished"):
+        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, nbs=4, out_dir=out, resume=True)
+
+    # Exact: the interrupted and resumed run ends where a run never interrupted ends, weights and metrics alike.
+    whole = finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, nbs=4, out_dir=tmp_path / "whole")
+    got, want = load_ckpt_model(result.best).state_dict(), load_ckpt_model(whole.best).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert epoch_rows(out) == epoch_rows(tmp_path / "whole") and result.metrics == whole.metrics
+
+
+def epoch_rows(run: Path) -> list[dict[str, str]]:
+    """Return results.csv's rows without the wall-clock column."""
+    with open(run / "results.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(f)]
+
+
+def test_resume_without_fp32_state_falls_back_to_ultralytics(tmp_path, pruned, dataset, caplog):
+    out = tmp_path / "run"
+
+    def stop(trainer):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, callbacks={"on_model_save": [stop]})
+    weights = out / "weights"
+    assert (weights / RESUME_STATE).exists() and not list(weights.glob(".*.tmp"))  # atomic: no temporary left
+    (weights / RESUME_STATE).write_bytes(b"truncated")  # unreadable: Ultralytics' fp16 resume, with a warning
+    with caplog.at_level("WARNING", logger="yoloprune"):
+        result = finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True)
+    assert "no fp32 state of epoch 0" in caplog.text and result.epochs == 2
+    (weights / "last.pt").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(YoloPruneError, match="unreadable checkpoint"):
         finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True)
+    assert not can_resume(out, pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4)
+
+
+def test_epoch_shuffle_depends_on_seed_and_epoch_only():
+    a, b = EpochShuffle(50, seed=0), EpochShuffle(50, seed=0)
+    first = list(a)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    a.set_epoch(1)
+    second = list(a)
+    assert sorted(second) == list(range(50)) and second != first
+    b.set_epoch(1)
+    assert list(b) == second  # another sampler (a resumed process) at the same epoch: the same order
+    assert list(EpochShuffle(50, seed=1)) != first
+    assert epoch_seed(0, 3) == epoch_seed(0, 3) != epoch_seed(0, 4)
 
 
 def test_ddp_script_rebuilds_the_pruned_model(tmp_path, pruned, dataset):

@@ -17,7 +17,18 @@ Each run also:
 - turns plots off by default and gives Ultralytics a local font, since it fetches
   Arial over the network when the font is missing (``check_font``);
 - writes ``best.pt`` with fp32 weights: Ultralytics saves checkpoints in fp16, which
-  would round the weights the next stage (export, another pruning step) starts from.
+  would round the weights the next stage (export, another pruning step) starts from;
+- resumes exactly: Ultralytics' ``last.pt`` holds only the EMA and the optimiser in
+  fp16 and no random state, so a resumed run drifts from an uninterrupted one. Here
+  every epoch draws its augmentation and shuffling streams from ``(seed, epoch)``
+  alone, and ``resume_fp32.pt`` beside ``last.pt`` keeps the raw model, the EMA and
+  the optimiser in fp32, so a run killed and resumed ends with the same weights and
+  metrics as one never interrupted (tested). Exact with ``workers=0`` (the default;
+  worker processes keep random streams of their own) and one optimiser step per batch
+  (``nbs`` no larger than ``batch``, as in params.yaml; otherwise the first step after
+  a resume comes early, and a warning says so);
+- writes ``last.pt`` and ``best.pt`` atomically (Ultralytics writes them in place, so
+  a kill during the save would leave neither old nor new).
 """
 
 from __future__ import annotations
@@ -27,15 +38,19 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import RandomSampler, Sampler
 from ultralytics.models.yolo.classify import ClassificationTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.obb import OBBTrainer
@@ -44,6 +59,7 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK, USER_CONFIG_DIR
 from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.patches import torch_load
+from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloprune.errors import YoloPruneError
 from yoloprune.export import torch_threads_kept
@@ -52,6 +68,7 @@ from yoloprune.io import atomic_path, load_model, write_json
 LOGGER = logging.getLogger("yoloprune")
 
 BEST_FP32 = "best_fp32.pt"  # fp32 twin of best.pt, kept beside it during training (survives an interruption)
+RESUME_STATE = "resume_fp32.pt"  # beside last.pt while a run is unfinished: what an exact resume needs and it lacks
 DEFAULTS = {"plots": False, "workers": 0}  # plots fetch fonts and cost CPU time; workers: see finetune()
 # Settings finetune() sets itself; "pretrained" would load another checkpoint's weights over the pruned ones.
 RESERVED = {"model", "data", "resume", "project", "name", "exist_ok", "save_dir", "mode", "task", "pretrained"}
@@ -98,8 +115,11 @@ class PrunedTrainerMixin:
             self.args.workers = workers
         for event, fns in self.callbacks.items():  # the validator gets this dict: drop integrations for it too
             self.callbacks[event] = [f for f in fns if not _is_integration(f)]
+        self.shuffler: EpochShuffle | None = None  # the training loader's sampler, once built (see get_dataloader)
+        self.callbacks["on_train_epoch_start"].insert(0, seed_epoch)
         if RANK in {-1, 0} and not self.resume:
-            (self.wdir / BEST_FP32).unlink(missing_ok=True)  # a previous run's best must not become this run's
+            for name in (BEST_FP32, RESUME_STATE):  # a previous run's files must not become this run's
+                (self.wdir / name).unlink(missing_ok=True)
 
     def _setup_train(self) -> None:
         """Set up as Ultralytics does, with torch using every CPU core when training on the CPU.
@@ -134,21 +154,133 @@ class PrunedTrainerMixin:
             match_dataset(model, self.data)
         return model
 
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        """Return Ultralytics' loader; the training one shuffles each epoch from the seed and the epoch alone.
+
+        Its ``RandomSampler`` draws from one generator for the whole run, so the order of
+        epoch ``k`` depends on the epochs before it (and a drained iteration draws once
+        more before it stops); an ``EpochShuffle`` in its place does not. DDP's
+        ``DistributedSampler`` is seeded by epoch already and stays.
+        """
+        loader = super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+        batches = getattr(loader.batch_sampler, "sampler", None)  # InfiniteDataLoader: _RepeatSampler(BatchSampler)
+        if mode == "train" and isinstance(getattr(batches, "sampler", None), RandomSampler) \
+                and not batches.sampler.replacement:
+            self.shuffler = batches.sampler = EpochShuffle(len(batches.sampler), int(self.args.seed))
+        return loader
+
     def save_model(self) -> bool:
-        """Save Ultralytics' fp16 checkpoints, and the EMA in fp32 beside best.pt whenever best.pt is written."""
-        saved = super().save_model()
-        if saved and self.best_fitness == self.fitness:  # the condition BaseTrainer.save_model writes best.pt on
-            model = deepcopy(self.ema.ema).float().cpu()
-            _strip(model)
+        """Save Ultralytics' checkpoints atomically, then the fp32 state an exact resume needs and the fp32 best.
+
+        ``BaseTrainer.save_model`` writes ``last.pt`` (and ``best.pt`` on the epoch whose
+        fitness is the best) in place; here it writes them to temporary files that are
+        renamed over the old ones once complete.
+        """
+        writes_best = self.best_fitness == self.fitness  # the condition BaseTrainer.save_model writes best.pt on
+        last, best = self.last, self.best
+        with ExitStack() as stack:
+            self.last = stack.enter_context(atomic_path(last))
+            if writes_best:
+                self.best = stack.enter_context(atomic_path(best))
+            try:
+                saved = super().save_model()
+            finally:
+                self.last, self.best = last, best
+        if not saved:
+            return saved
+        state = {  # fp32: the tensors the run trains with; saved after last.pt, so its epoch matches last.pt's or lags
+            "epoch": self.epoch,
+            "model": unwrap_model(self.model).state_dict(),
+            "ema": self.ema.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        with atomic_path(self.wdir / RESUME_STATE) as tmp:
+            torch.save(state, tmp)
+        if writes_best:
+            model = _strip(deepcopy(self.ema.ema).float().cpu())
             with atomic_path(self.wdir / BEST_FP32) as tmp:
                 torch.save({"model": model, "epoch": self.epoch, "fitness": self.fitness}, tmp)
         return saved
 
+    def resume_training(self, ckpt: dict | None) -> None:
+        """Resume as Ultralytics does, then put back the fp32 model, EMA and optimiser its fp16 ``last.pt`` lacks."""
+        super().resume_training(ckpt)
+        if ckpt is None or not self.resume:
+            return
+        path = self.wdir / RESUME_STATE
+        try:
+            state = torch_load(path, map_location=self.device) if path.is_file() else None
+        except Exception as e:  # noqa: BLE001  (unreadable: fall back to Ultralytics' own resume, with a warning)
+            LOGGER.debug("%s: %s", path, e)
+            state = None
+        if not isinstance(state, dict) or state.get("epoch") != ckpt.get("epoch"):
+            LOGGER.warning("%s: no fp32 state of epoch %s beside it; resuming from its fp16 EMA as Ultralytics does, "
+                           "so the run ends slightly differently than an uninterrupted one", self.last,
+                           ckpt.get("epoch"))
+            return
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.ema.ema.load_state_dict(state["ema"])
+        for saved, group in zip(state["optimizer"]["param_groups"], self.optimizer.param_groups, strict=True):
+            saved["fused"] = group.get("fused")  # as BaseTrainer: the runtime device picks the kernel
+        self.optimizer.load_state_dict(state["optimizer"])
+        LOGGER.info("resumed the fp32 model, EMA and optimiser of epoch %d from %s", state["epoch"] + 1, path)
+        if self.accumulate > 1:  # BaseTrainer keeps the last optimiser step's batch in a local: it restarts at -1
+            LOGGER.warning("this run steps the optimiser every %d batches (nbs=%s, batch=%s): the first step after "
+                           "the resume comes early, so the run ends slightly differently than an uninterrupted one; "
+                           "set nbs to the batch size for an exact resume", self.accumulate, self.args.nbs,
+                           self.batch_size)
+
     def final_eval(self) -> None:
         """Validate best.pt as Ultralytics does, then replace its fp16 model with the fp32 one."""
         super().final_eval()
-        if RANK in {-1, 0} and self.best.exists():
-            _restore_fp32(self.best, self.wdir / BEST_FP32)
+        if RANK in {-1, 0}:
+            (self.wdir / RESUME_STATE).unlink(missing_ok=True)  # a finished run cannot be resumed
+            if self.best.exists():
+                _restore_fp32(self.best, self.wdir / BEST_FP32)
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of ``n`` indices drawn from ``(seed, epoch)`` alone; ``set_epoch`` picks the epoch.
+
+    As ``DistributedSampler.set_epoch`` does for DDP: the same epoch gets the same order
+    in any process, so a resumed run shuffles as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass over the data as epoch ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Return the 32-bit seed of one training epoch's random streams (a function of ``seed`` and ``epoch`` alone)."""
+    return int.from_bytes(hashlib.sha256(f"yoloprune:{seed}:{epoch}:{RANK}".encode()).digest()[:4], "little")
+
+
+def seed_epoch(trainer) -> None:
+    """Seed the epoch's augmentation (python, numpy), torch and shuffle streams from the run's seed and the epoch.
+
+    Ultralytics seeds once per process, so the streams of epoch ``k`` depend on every
+    epoch before it, and a resumed run (a new process) draws other ones. Seeded per
+    epoch, a run resumed at epoch ``k`` augments and shuffles epoch ``k`` as an
+    uninterrupted run does. An ``on_train_epoch_start`` callback.
+    """
+    seed = epoch_seed(int(trainer.args.seed), int(trainer.epoch))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if getattr(trainer, "shuffler", None) is not None:
+        trainer.shuffler.set_epoch(int(trainer.epoch))
 
 
 def _strip(model: nn.Module) -> nn.Module:
@@ -378,7 +510,13 @@ def can_resume(out_dir: str | Path, model: str | Path, data: str | Path, **setti
 def _check_resumable(last: Path) -> None:
     if not last.is_file():
         raise YoloPruneError(f"{last}: no checkpoint to resume; start the run with resume=False")
-    ckpt = torch_load(last, map_location="cpu")
+    try:
+        ckpt = torch_load(last, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (truncated, not a checkpoint: pickle raises many kinds)
+        raise YoloPruneError(f"{last}: unreadable checkpoint ({type(e).__name__}); start the run again with "
+                             "resume=False") from e
+    if not isinstance(ckpt, dict):
+        raise YoloPruneError(f"{last}: not an Ultralytics training checkpoint; start the run again with resume=False")
     epoch, total = ckpt.get("epoch", -1), (ckpt.get("train_args") or {}).get("epochs", 0)
     if epoch < 0 or ckpt.get("optimizer") is None or epoch + 1 >= total:
         raise YoloPruneError(f"{last}: that run already finished; start a new run (resume=False) or choose "
