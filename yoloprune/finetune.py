@@ -512,7 +512,7 @@ def _check_resumable(last: Path) -> None:
         raise YoloPruneError(f"{last}: no checkpoint to resume; start the run with resume=False")
     try:
         ckpt = torch_load(last, map_location="cpu")
-    except Exception as e:  # noqa: BLE001  (truncated, not a checkpoint: pickle raises many kinds)
+    except Exception as e:  # truncated, not a checkpoint: pickle raises many kinds
         raise YoloPruneError(f"{last}: unreadable checkpoint ({type(e).__name__}); start the run again with "
                              "resume=False") from e
     if not isinstance(ckpt, dict):
