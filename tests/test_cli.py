@@ -50,7 +50,8 @@ def test_convert_verb(tmp_path, capsys):
         (["prune", "missing.pt"], "missing.pt: no such file"),
         (["prune", "yolov8n.yaml", "--speed-up", "0.5"], "speed_up must be a number > 1"),
         (["prune", "yolov8n.yaml", "--round-to", "0"], "round_to must be a positive integer"),
-        (["prune", "yolov8n.yaml", "--iterative-steps", "-3"], "iterative_steps must be a positive integer"),
+        (["prune", "yolov8n.yaml", "--iterative-steps", "-3"], "iterative_steps must be an integer >= 2"),
+        (["prune", "yolov8n.yaml", "--iterative-steps", "1"], "one step prunes nothing"),
         (["prune", "yolov8n.yaml", "--imgsz", "650"], "use 640"),
     ],
 )

@@ -23,7 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from yoloprune.io import save_model, write_json
+from yoloprune.data import make_dataset
+from yoloprune.io import save_model, scratch_dir, write_json
 
 CHILD = textwrap.dedent("""
     import sys
@@ -111,3 +112,25 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     live.write_text("{")
     write_json({"version": 1}, path)
     assert live.exists() and path.read_text().strip().startswith("{")
+
+
+def test_scratch_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL skips every cleanup: the dataset's and the exporter's scratch folders go at the next run instead."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID names folders no running process owns
+    stale = tmp_path / f".ds.partial.{dead.pid}.abc.tmp"
+    (stale / "images").mkdir(parents=True)
+    mine = tmp_path / f".ds.partial.{os.getpid()}.abc.tmp"  # a live writer's folder stays
+    mine.mkdir()
+    other = tmp_path / f".other.partial.{dead.pid}.abc.tmp"  # another output's: not this one's to judge
+    other.mkdir()
+    data = make_dataset(tmp_path / "ds", n_train=2, n_val=1, imgsz=64)
+    assert data.is_file()
+    assert not stale.exists() and mine.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", mine.name, other.name])  # no scratch left
+
+
+def test_scratch_dir_is_empty_hidden_and_named_by_pid(tmp_path):
+    work = scratch_dir(tmp_path / "new", "model.export")
+    assert work.is_dir() and not any(work.iterdir()) and work.parent == tmp_path / "new"
+    assert work.name.startswith(f".model.export.{os.getpid()}.") and work.name.endswith(".tmp")

@@ -42,6 +42,8 @@ def repo(tmp_path_factory) -> Path:
     params["dataset"].update(n_train=8, n_val=4)
     params["baseline"].update(epochs=1, batch=4, workers=0)
     params["finetune"].update(epochs=2, batch=4, workers=0)
+    for stage in ("baseline", "finetune"):
+        params[stage]["args"]["nbs"] = 4  # = batch, as params.yaml has it: one optimiser step per batch
     params["benchmark"].update(iters=3, warmup=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", root)
@@ -104,6 +106,13 @@ def test_interrupted_repro_resumes_the_fine_tune(repo):
     out = sh("dvc repro", repo)
     assert "Running stage 'finetune'" in out and "Running stage 'baseline'" not in out
     assert "Resuming training" in out
-    assert json.loads((repo / "metrics/finetune.json").read_text())["epochs"] == 3
+    resumed = json.loads((repo / "metrics/finetune.json").read_text())
+    assert resumed["epochs"] == 3
     assert json.loads((repo / "metrics/prune.json").read_text()) == before  # upstream untouched
     sh("dvc status", repo)
+    # The same metrics as a run never interrupted: the fine-tune again from scratch (a finished run is not resumed).
+    out = sh("dvc repro --force --single-item finetune", repo)
+    assert "Resuming training" not in out
+    whole = json.loads((repo / "metrics/finetune.json").read_text())
+    timing = {k for k in whole if "time" in k or "second" in k}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}

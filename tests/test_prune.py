@@ -152,7 +152,7 @@ def test_unreachable_target_reports_best_reachable():
         ({"speed_up": 1.0}, "speed_up must be a number > 1"),
         ({"speed_up": "fast"}, "speed_up must be a number > 1"),
         ({"method": "magic"}, "unknown method 'magic': choose one of lamp"),
-        ({"iterative_steps": 0}, "iterative_steps must be a positive integer"),
+        ({"iterative_steps": 0}, "iterative_steps must be an integer >= 2"),
         ({"round_to": 0}, "round_to must be a positive integer"),
         ({"imgsz": 100}, "use 96"),
         ({"max_layer_ratio": 1.0}, "max_layer_ratio must be in"),

@@ -128,8 +128,8 @@ def convert_model(model: nn.Module) -> int:
 class _SplitSpy(TorchFunctionMode):
     """Record which module splits a 4-D tensor along its channel dimension."""
 
-    SPLITS = {torch.split, torch.chunk, torch.tensor_split, torch.Tensor.split, torch.Tensor.chunk,
-              torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind}
+    SPLITS = frozenset({torch.split, torch.chunk, torch.tensor_split, torch.Tensor.split, torch.Tensor.chunk,
+              torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind})
 
     def __init__(self, stack: list[str]) -> None:
         super().__init__()

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from yoloprune.errors import YoloPruneError
+from yoloprune.io import scratch_dir
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -52,7 +52,7 @@ def make_dataset(root: str | Path, n_train: int = 96, n_val: int = 32, imgsz: in
     root = Path(root).resolve()
     _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    tmp = scratch_dir(root.parent, f"{root.name}.partial")
     try:
         for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val))):
             (tmp / "images" / split).mkdir(parents=True)
@@ -93,7 +93,7 @@ def _swap_into_place(tmp: Path, root: Path) -> None:
     # Two renames: the old dataset stays whole until the new one is complete, then goes.
     old = None
     if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+        old = scratch_dir(root.parent, f"{root.name}.old")
         old.rmdir()
         os.replace(root, old)
     os.replace(tmp, root)

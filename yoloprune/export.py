@@ -24,7 +24,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from yoloprune.errors import YoloPruneError, check_imgsz
+from yoloprune.io import scratch_dir
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -180,7 +180,7 @@ def _export(yolo, source: Path, reference: nn.Module, cfg: ExportConfig, out: st
     into = out is not None and Path(out).is_dir() and cfg.format != "openvino"  # openvino writes a folder itself
     dest_dir = Path(out) if into else Path(out).parent if out is not None else source.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{source.stem}.export-", dir=dest_dir))  # same filesystem: os.replace
+    work = scratch_dir(dest_dir, f"{source.stem}.export")  # same filesystem: os.replace
     try:
         yolo.model.pt_path = str(work / source.name)  # the exporter names its output after pt_path
         kwargs = {"format": cfg.format, "imgsz": cfg.imgsz, "batch": cfg.batch, "dynamic": cfg.dynamic,

@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -149,15 +150,31 @@ def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # the shell's exit status for a signal; finally clauses run on the way out
 
 
+def scratch_dir(parent: str | Path, name: str) -> Path:
+    """Create and return an empty hidden folder ``parent/.NAME.PID.RANDOM.tmp`` for work that is renamed into place.
+
+    The caller deletes it (or renames it away) when done. Folders of the same ``name``
+    left by a killed process (SIGKILL: no cleanup ran) are deleted first, as
+    ``atomic_path`` does for files.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(parent / name)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=parent))
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Delete the temporary files of ``path`` whose writer was killed (SIGKILL) and no longer runs."""
+    """Delete the temporary files and folders of ``path`` whose writer was killed (SIGKILL) and no longer runs."""
     if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return
     prefix = f".{path.name}."
     for tmp in path.parent.glob(glob.escape(prefix) + "*" + TEMP_SUFFIX):
         pid = tmp.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and int(pid) > 0 and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
