@@ -189,8 +189,20 @@ def _torch_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: t
 
 
 def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):
+    onnx_path = cached_onnx(path, cfg.imgsz, cfg.batch, cfg.half)
+    return onnx_path, onnx_runner(onnx_path, cfg.imgsz, cfg.batch, device, threads)
+
+
+def onnx_runner(onnx_path: str | Path, imgsz: int, batch: int = 1, device: torch.device | None = None,
+                threads: int = 1) -> Callable[[], object]:
+    """Return a call that runs the ONNX file once on a fixed seeded input, as the benchmark times it.
+
+    ONNX Runtime's CPU (or CUDA) provider, ``threads`` intra-op threads, one inter-op
+    thread, sequential execution and every graph optimisation.
+    """
     import onnxruntime as ort
 
+    device = device or torch.device("cpu")
     if device.type not in ("cpu", "cuda"):
         raise YoloPruneError(f"runtime 'onnx' runs on cpu or CUDA devices, not {device.type}; use device='cpu'")
     providers = ["CPUExecutionProvider"]
@@ -199,7 +211,6 @@ def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: to
             raise YoloPruneError("runtime 'onnx' on a CUDA device needs onnxruntime-gpu; run: pip uninstall "
                                  "onnxruntime && pip install onnxruntime-gpu, or use device='cpu'")
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-    onnx_path = cached_onnx(path, cfg.imgsz, cfg.batch, cfg.half)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -208,9 +219,9 @@ def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: to
     session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
     inp = session.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32  # FP16 exports keep FP32 inputs; older ones may not
-    x = torch.rand(cfg.batch, 3, cfg.imgsz, cfg.imgsz, generator=torch.Generator().manual_seed(0)).numpy().astype(dtype)
+    x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).numpy().astype(dtype)
     feed = {inp.name: x}
-    return onnx_path, lambda: session.run(None, feed)
+    return lambda: session.run(None, feed)
 
 
 # Adding a runtime is one function (model, path, cfg, device, threads) -> (artifact, run) and one line here.

@@ -363,6 +363,36 @@ def experiments_in(repo: str | Path = ".") -> list[ExpRecord]:
     return parse_exp_show(dvc("exp", "show", "--json", "--all-commits", repo=repo).stdout)
 
 
+def pipeline_files(repo: str | Path = ".") -> list[str]:
+    """Return the tracked files whose content decides a stage's results: dvc.yaml, params.yaml and code deps."""
+    root = Path(repo)
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    deps = {d for stage in stages.values() for d in (stage or {}).get("deps") or [] if isinstance(d, str)}
+    out = subprocess.run(["git", "ls-files", "--", *sorted(deps)], cwd=root, capture_output=True, text=True,
+                         check=False)
+    return sorted({"dvc.yaml", "params.yaml", *out.stdout.split()})
+
+
+def current(records: Iterable[ExpRecord], repo: str | Path = ".") -> list[ExpRecord]:
+    """Return the experiments run from a commit whose pipeline (``pipeline_files``) is HEAD's, byte for byte.
+
+    Results of older pipeline code are not this code's results: the sweep runs those
+    experiments again and the report leaves the old ones out. Commits that change
+    nothing a stage depends on (docs, tests, this module) keep every result valid.
+    """
+    files = pipeline_files(repo)
+    same: dict[str, bool] = {}
+    kept = []
+    for r in records:
+        if r.baseline not in same:
+            diff = subprocess.run(["git", "diff", "--quiet", r.baseline, "HEAD", "--", *files], cwd=repo,
+                                  capture_output=True, check=False)
+            same[r.baseline] = diff.returncode == 0
+        if same[r.baseline]:
+            kept.append(r)
+    return kept
+
+
 def queue_status(repo: str | Path = ".") -> QueueStatus:
     """Return ``dvc queue status``, parsed."""
     return parse_queue_status(dvc("queue", "status", repo=repo).stdout)
@@ -424,7 +454,7 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     """Queue the study's experiments that are not queued, running or done yet; return what was done."""
     _warn_if_dirty(repo)
     _warn_if_uncached(repo)
-    plan = plan_queue(experiments, experiments_in(repo), queue_status(repo).names("queued", "running"))
+    plan = plan_queue(experiments, current(experiments_in(repo), repo), queue_status(repo).names("queued", "running"))
     for task in plan.remove:
         dvc("queue", "remove", task, repo=repo)
     for e in plan.to_queue:
@@ -1055,7 +1085,7 @@ def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], rep
 def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR
            ) -> tuple[Path, Path]:
     """Collect the finished experiments and controls and write the report; return the markdown and PNG paths."""
-    records = experiments_in(repo)
+    records = current(experiments_in(repo), repo)
     df = collect(records, experiments)
     md, png = write_report(df, read_controls(out_dir), context(records, experiments, repo), out_dir)
     LOGGER.info("wrote %s and %s (%d experiments)", md, png, len(df))
@@ -1081,7 +1111,7 @@ def run_control(control: Control, repo: str | Path = ".", out_dir: str | Path = 
     from yoloprune.io import load_model, save_model
 
     dvc_name = PREFIX + control.source
-    source = next((r for r in experiments_in(repo) if r.name == dvc_name and r.finished), None)
+    source = next((r for r in current(experiments_in(repo), repo) if r.name == dvc_name and r.finished), None)
     if source is None:
         LOGGER.warning("%s: %s has not finished; run the sweep first", control.name, dvc_name)
         return None
