@@ -454,7 +454,15 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     """Queue the study's experiments that are not queued, running or done yet; return what was done."""
     _warn_if_dirty(repo)
     _warn_if_uncached(repo)
-    plan = plan_queue(experiments, current(experiments_in(repo), repo), queue_status(repo).names("queued", "running"))
+    records = experiments_in(repo)
+    now = current(records, repo)
+    names = {e.dvc_name for e in experiments}
+    for r in records:  # queued from older pipeline code (an earlier sitting): they would run that code
+        if r.pending and r.name in names and r not in now and r.task_id:
+            LOGGER.warning("%s: queued from commit %s, whose pipeline differs from HEAD's; removed from the queue",
+                           r.name, r.baseline[:7])
+            dvc("queue", "kill" if r.state == RUNNING else "remove", r.task_id, repo=repo, check=False)
+    plan = plan_queue(experiments, now, {r.name for r in now if r.pending})
     for task in plan.remove:
         dvc("queue", "remove", task, repo=repo)
     for e in plan.to_queue:
