@@ -330,3 +330,91 @@ def test_report_without_results(tmp_path, experiments, records):
     md, png = study.write_report(empty, [], study.Context(missing=study.missing(records, experiments)), tmp_path)
     text = md.read_text()
     assert "0 of 15 experiments finished" in text and "Not measured yet" in text and png.is_file()
+
+
+def test_interleaved_medians_times_every_runner_in_rounds():
+    import time
+
+    calls: list[str] = []
+
+    def runner(key: str, seconds: float):
+        def run():
+            calls.append(key)
+            time.sleep(seconds)
+        return run
+
+    got = study.interleaved_medians({"slow": runner("slow", 0.004), "fast": runner("fast", 0.001)}, rounds=3,
+                                    iters=2, warmup=1)
+    assert calls == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3  # warm-up, then round after round
+    assert got["slow"] == pytest.approx(4, abs=3) and got["fast"] < got["slow"]
+
+
+def test_with_latency_replaces_the_stage_timings():
+    df, controls = _table()
+    df["onnx_base"], df["onnx_ft"] = "base-md5", [f"ft-{i}" for i in range(len(df))]
+    df.loc[df["experiment"] == "11n-lamp-2x", "onnx_base"] = "other-base"
+    record = {"median_ms": {"base-md5": 8.0, "other-base": 9.0, **{f"ft-{i}": 4.0 + i for i in range(len(df))}}}
+    out = study.with_latency(df, record).set_index("experiment")
+    assert out.loc["v8n-lamp-2x", "lat_base"] == 8.0 and out.loc["v8n-lamp-2x", "lat_ft"] == 4.0
+    assert out.loc["v8n-lamp-2x", "lat_speed_up"] == pytest.approx(2.0)
+    assert out.loc["v8n-lamp-2x", "lat_ft_stage"] == 5.6  # the benchmark stage's own figure, kept beside it
+    assert out.loc["11n-lamp-2x", "lat_base"] == 9.0
+    assert study.control_latency(controls, study.with_latency(df, record))[0]["latency_ms"] == 8.0  # its baseline's
+    assert study.control_latency([{"name": "c", "source": "missing", "latency_ms": 1.0}], df)[0]["latency_ms"] == 1.0
+
+
+def test_only_results_of_heads_pipeline_count(tmp_path):
+    """An experiment run from a commit whose stage code differs from HEAD's is not a result of this code."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prune": {
+        "cmd": "python stages/prune.py", "deps": ["stages/prune.py", "models/converted.pt"], "outs": ["m.pt"]}}}))
+    (tmp_path / "params.yaml").write_text("speed_up: 2\n")
+    (tmp_path / "stages" / "prune.py").write_text("v = 1\n")
+    (tmp_path / "README.md").write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    old = git("rev-parse", "HEAD")
+    (tmp_path / "README.md").write_text("b\n")  # not a pipeline file: results stay valid
+    git("commit", "-qam", "docs")
+    docs = git("rev-parse", "HEAD")
+    assert study.pipeline_files(tmp_path) == ["dvc.yaml", "params.yaml", "stages/prune.py"]
+    (tmp_path / "stages" / "prune.py").write_text("v = 2\n")  # the stage's code changed: old results are stale
+    git("commit", "-qam", "code")
+    head = git("rev-parse", "HEAD")
+    recs = [study.ExpRecord(name=f"study-{rev[:4]}", rev="f" * 40, baseline=rev, state=study.DONE)
+            for rev in (old, docs, head)]
+    assert [r.baseline for r in study.current(recs, tmp_path)] == [head]
+    (tmp_path / "README.md").write_text("c\n")
+    git("commit", "-qam", "docs again")
+    assert [r.baseline for r in study.current(recs, tmp_path)] == [head]
+
+
+def test_retime_times_each_file_once_and_reuses_the_record(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    monkeypatch.setattr(study, "WORK_DIR", tmp_path / "work")
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 32, 32])
+    graph = helper.make_graph([helper.make_node("Relu", ["images"], ["out"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for md5 in ("base", "ft1", "ft2"):  # as if already fetched from DVC's cache
+        (tmp_path / "work" / "onnx").mkdir(parents=True, exist_ok=True)
+        onnx.save(model, tmp_path / "work" / "onnx" / f"{md5}.onnx")
+    df = pd.DataFrame([{"rev": "0" * 40, "imgsz": 32, "onnx_base": "base", "onnx_ft": "ft1"},
+                       {"rev": "0" * 40, "imgsz": 32, "onnx_base": "base", "onnx_ft": "ft2"}])
+    record = study.retime(df, out_dir=tmp_path / "docs", threads=1, rounds=2, iters=3, warmup=1)
+    assert set(record["median_ms"]) == {"base", "ft1", "ft2"} and all(v > 0 for v in record["median_ms"].values())
+    assert record["settings"] == {"threads": 1, "rounds": 2, "iters": 3, "warmup": 1, "batch": 1}
+    saved = json.loads((tmp_path / "docs" / "study" / "latency.json").read_text())
+    assert saved["median_ms"] == record["median_ms"] and "machine" in saved
+    (tmp_path / "work" / "onnx" / "ft2.onnx").unlink()  # the same files and settings: the record is reused
+    assert study.retime(df, out_dir=tmp_path / "docs", threads=1, rounds=2, iters=3, warmup=1) == saved

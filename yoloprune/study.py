@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -574,6 +574,7 @@ def collect(records: Iterable[ExpRecord], experiments: Sequence[Experiment]) -> 
             continue
         row: dict[str, Any] = {"experiment": r.name.removeprefix(PREFIX), "rev": r.rev, "timestamp": r.timestamp,
                                "baseline_md5": r.outs.get(BASELINE_OUT), "_order": order[r.name]}
+        row.update({f"onnx_{key}": r.outs.get(path) for key, path in onnx_outs(r.params).items()})
         for col, key in PARAM_COLUMNS.items():
             node: Any = r.params
             for part in key.split("."):
@@ -582,8 +583,8 @@ def collect(records: Iterable[ExpRecord], experiments: Sequence[Experiment]) -> 
         for col, (path, key) in COLUMNS.items():
             row[col] = r.metrics.get(path, {}).get(key)
         rows.append(row)
-    df = pd.DataFrame(rows, columns=["experiment", "rev", "timestamp", "baseline_md5", "_order", *PARAM_COLUMNS,
-                                     *COLUMNS])
+    df = pd.DataFrame(rows, columns=["experiment", "rev", "timestamp", "baseline_md5", "onnx_base", "onnx_ft",
+                                     "_order", *PARAM_COLUMNS, *COLUMNS])
     df = df.sort_values(["_order", "timestamp"], ascending=[True, False], na_position="last")  # newest run first
     df = df.drop(columns="_order").drop_duplicates("experiment").reset_index(drop=True)
     df["family"] = df["model"].map(lambda m: family(m) if isinstance(m, str) else None)
@@ -696,6 +697,101 @@ def with_control(df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFr
         same = (df["baseline_md5"] == c.get("baseline_md5")) & (df["ft_epochs"] == c.get("epochs"))
         df.loc[same, "map_ctrl"] = c.get("map50_95")
     df["retention_ctrl"] = 100 * df["map_ft"] / df["map_ctrl"]
+    return df
+
+
+# --- latency, timed again: every model in one quiet pass ---------------------------------------------------------
+
+def onnx_outs(params: dict[str, Any]) -> dict[str, str]:
+    """Return the export stage's ONNX outputs for an experiment's params: ``{"base": path, "ft": path}``."""
+    imgsz = params.get("imgsz")
+    return {"base": f"models/baseline_{imgsz}_b1.onnx", "ft": f"models/finetuned_{imgsz}_b1.onnx"}
+
+
+def interleaved_medians(runners: dict[str, Any], rounds: int, iters: int, warmup: int) -> dict[str, float]:
+    """Return each runner's median call time (ms), timed in ``rounds`` rounds of ``iters`` calls, runner after runner.
+
+    Interleaving spreads any slow stretch of a shared CPU over every model alike,
+    where timing one model after another (as each experiment's benchmark stage does)
+    charges it to whichever model ran then.
+    """
+    from statistics import median
+
+    import torch
+
+    from yoloprune.benchmark import time_calls
+
+    cpu = torch.device("cpu")
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    for key, run in runners.items():
+        time_calls(run, warmup, 0, cpu)
+    for _ in range(rounds):
+        for key, run in runners.items():
+            times[key] += time_calls(run, 0, iters, cpu)
+    return {key: median(t) for key, t in times.items()}
+
+
+def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_DIR, threads: int = 2,
+           rounds: int = 10, iters: int = 20, warmup: int = 10) -> dict[str, Any]:
+    """Time every experiment's exported ONNX models again in one interleaved pass; write and return the record.
+
+    Each file is read from DVC's cache at its experiment's commit (the same bytes the
+    benchmark stage timed). The record (``out_dir/study/latency.json``) maps each
+    file's md5 to its median ms, with the settings and the machine; it is reused while
+    the same files and settings are asked for, since timing is the one step a busy CPU spoils.
+    """
+    import dvc.api
+
+    from yoloprune.benchmark import library_versions, machine_info, onnx_runner
+
+    files: dict[str, tuple[str, str, int]] = {}  # md5 -> (path in the repo, experiment commit, imgsz)
+    for r in df.itertuples():
+        for key, path in onnx_outs({"imgsz": int(r.imgsz)}).items():
+            md5 = getattr(r, f"onnx_{key}")
+            if isinstance(md5, str) and md5 not in files:
+                files[md5] = (path, r.rev, int(r.imgsz))
+    settings = {"threads": threads, "rounds": rounds, "iters": iters, "warmup": warmup, "batch": 1}
+    path = Path(out_dir) / "study" / "latency.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") == settings and set(old.get("median_ms", {})) == set(files):
+            return old
+    work = WORK_DIR / "onnx"
+    runners = {}
+    for md5, (repo_path, rev, imgsz) in files.items():
+        local = work / f"{md5}.onnx"
+        if not local.is_file():
+            with dvc.api.open(repo_path, repo=str(repo), rev=rev, mode="rb") as src, atomic_path(local) as tmp:
+                tmp.write_bytes(src.read())
+        runners[md5] = onnx_runner(local, imgsz, 1, threads=threads)
+    LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(runners), rounds, iters)
+    import torch
+
+    record = {"settings": settings, "median_ms": interleaved_medians(runners, rounds, iters, warmup),
+              "machine": machine_info(torch.device("cpu")), "versions": library_versions("onnx"),
+              "timed_at": datetime.now().astimezone().isoformat(timespec="seconds")}
+    write_json(record, path)
+    return record
+
+
+def control_latency(control_results: Sequence[dict], df: pd.DataFrame) -> list[dict]:
+    """Return the controls with their baseline's re-timed latency: a control is that network, trained longer."""
+    out = []
+    for c in control_results:
+        row = df[df["experiment"] == c.get("source")]
+        out.append({**c, "latency_ms": float(row["lat_base"].iloc[0])} if len(row) else dict(c))
+    return out
+
+
+def with_latency(df: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
+    """Return ``df`` with the re-timed latencies in the latency columns (the stage's own kept as ``*_stage``)."""
+    df = df.copy()
+    medians = record.get("median_ms", {})
+    for col in ("lat_base", "lat_ft", "lat_speed_up"):
+        df[f"{col}_stage"] = df[col]
+    df["lat_base"] = pd.to_numeric(df["onnx_base"].map(medians), errors="coerce")
+    df["lat_ft"] = pd.to_numeric(df["onnx_ft"].map(medians), errors="coerce")
+    df["lat_speed_up"] = df["lat_base"] / df["lat_ft"]
     return df
 
 
@@ -975,7 +1071,8 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
         "",
         ("mAP50-95 *base* is the baseline, *pruned* before fine-tuning (PyTorch validation), *fine-tuned* after; "
          "retention is fine-tuned / base; *vs control* is fine-tuned / the equal-budget control (same baseline, "
-         "same fine-tune epochs). Latency speed-up compares the baseline and the pruned model timed in the same run."),
+         "same fine-tune epochs). Latency speed-up compares the baseline and the pruned model, timed in the same "
+         "interleaved pass (`docs/study/latency.json`); a control's latency is its baseline's (the same network)."),
         "",
         experiments_table(df) if len(df) else "_No finished experiments yet._",
         "",
@@ -1095,7 +1192,17 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
     """Collect the finished experiments and controls and write the report; return the markdown and PNG paths."""
     records = current(experiments_in(repo), repo)
     df = collect(records, experiments)
-    md, png = write_report(df, read_controls(out_dir), context(records, experiments, repo), out_dir)
+    ctx = context(records, experiments, repo)
+    if len(df):
+        threads = int(next((r.params.get("benchmark", {}).get("threads", 2) for r in records if r.finished), 2))
+        timing = retime(df, repo, out_dir, threads=threads)
+        df = with_latency(df, timing)
+        ctx = replace(ctx, machine=timing["machine"], versions=timing["versions"],
+                      measured_by=(f"Latency: every model timed again in one interleaved pass at "
+                                   f"{timing['timed_at']} ({timing['settings']['rounds']} rounds of "
+                                   f"{timing['settings']['iters']} calls each, {threads} threads; "
+                                   "`docs/study/latency.json`), on:"))
+    md, png = write_report(df, control_latency(read_controls(out_dir), df), ctx, out_dir)
     LOGGER.info("wrote %s and %s (%d experiments)", md, png, len(df))
     return md, png
 
