@@ -524,10 +524,12 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
         pending = sorted(status.names("queued", "running") & names)
         if not pending:
             break
-        # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for two polls in a row,
-        # never sooner: a worker just started may not be registered yet, and a second one would run two at once.
-        idle_polls = idle_polls + 1 if status.workers == 0 else 0
-        if idle_polls >= 2:
+        # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for three polls in a row
+        # with nothing running, never sooner: `dvc queue status` may count no worker while one starts or runs a task
+        # (seen with DVC 3.67), and a second worker would run two experiments at once on a CPU meant for one.
+        gone = status.workers == 0 and not status.names("running")
+        idle_polls = idle_polls + 1 if gone else 0
+        if idle_polls >= 3:
             LOGGER.warning("no queue worker is running; starting one")
             dvc("queue", "start", "-j", "1", repo=repo, detach=True)
             idle_polls = 0
