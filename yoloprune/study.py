@@ -517,7 +517,9 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
     leaves the worker running in the background.
     """
     names = {e.dvc_name for e in experiments}
-    dvc("queue", "start", "-j", "1", repo=repo, detach=True)
+    status = queue_status(repo)
+    if not status.names("running") and status.workers == 0:  # `queue start` adds a worker even when one runs
+        dvc("queue", "start", "-j", "1", repo=repo, detach=True)
     idle_polls = 0
     while True:
         status = queue_status(repo)
