@@ -727,7 +727,7 @@ def interleaved_medians(runners: dict[str, Any], rounds: int, iters: int, warmup
 
     cpu = torch.device("cpu")
     times: dict[str, list[float]] = {key: [] for key in runners}
-    for key, run in runners.items():
+    for run in runners.values():
         time_calls(run, warmup, 0, cpu)
     for _ in range(rounds):
         for key, run in runners.items():
@@ -745,6 +745,7 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
     the same files and settings are asked for, since timing is the one step a busy CPU spoils.
     """
     import dvc.api
+    import torch
 
     from yoloprune.benchmark import library_versions, machine_info, onnx_runner
 
@@ -769,8 +770,6 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
                 tmp.write_bytes(src.read())
         runners[md5] = onnx_runner(local, imgsz, 1, threads=threads)
     LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(runners), rounds, iters)
-    import torch
-
     record = {"settings": settings, "median_ms": interleaved_medians(runners, rounds, iters, warmup),
               "machine": machine_info(torch.device("cpu")), "versions": library_versions("onnx"),
               "timed_at": datetime.now().astimezone().isoformat(timespec="seconds")}
