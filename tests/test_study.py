@@ -57,7 +57,7 @@ def records() -> list[study.ExpRecord]:
 
 def test_sweep_names_are_unique_valid_refs(experiments):
     names = [e.dvc_name for e in experiments]
-    assert len(names) == len(set(names)) == 17
+    assert len(names) == len(set(names)) == 18
     for name in names:  # git ref rules DVC enforces: no spaces, "..", "~^:?*[\\", no trailing "." or ".lock"
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name and not name.endswith(".")
 
@@ -110,10 +110,26 @@ def test_profile_lives_in_the_commands(experiments):
 
 
 def test_bad_overrides_fail_at_the_edge(params):
-    with pytest.raises(YoloPruneError, match="prune.roundto"):
+    with pytest.raises(YoloPruneError, match=r"prune.roundto.*'\+prune.roundto' to add one"):
         study.apply_overrides(params, {"prune.roundto": 16})
+    with pytest.raises(YoloPruneError, match=r"\+prune.round_to: params.yaml has that key already"):
+        study.apply_overrides(params, {"+prune.round_to": 16})
     with pytest.raises(YoloPruneError, match="finetune.epochs"):
         study.check_params(study.apply_overrides(params, {"finetune.epochs": "5"}))
+
+
+def test_replicate_adds_the_seed_as_dvc_does(experiments, params):
+    replicate = next(e for e in experiments if e.name == study.REPLICATE_NAME)
+    assert replicate.name == "v8n-lamp-2x-seed1"
+    sets = [a for i, a in enumerate(replicate.command()) if replicate.command()[i - 1] == "-S"]
+    assert "+baseline.args.seed=1" in sets and "+finetune.args.seed=1" in sets  # DVC's syntax for a new key
+    assert {k: v for k, v in replicate.overrides.items() if not k.startswith("+")} == experiments[0].overrides
+    checked = study.check_params(study.apply_overrides(params, replicate.overrides))
+    assert checked["baseline"]["args"]["seed"] == checked["finetune"]["args"]["seed"] == 1
+    assert "seed" not in params["baseline"]["args"]  # the copy changed, not the original
+    # Queueing compares a finished run's params with the overrides, the '+' left out.
+    assert study._matches(checked, replicate.settings({}))
+    assert not study._matches(params, replicate.settings({}))
 
 
 def test_frontier_speed_up_is_the_mac_ratio(params):
@@ -195,7 +211,7 @@ def test_plan_queue_resumes(experiments, records):
     assert "v8n-lamp-2x" not in queued and "v8n-lamp-3x" not in queued  # done with these params
     assert "11n-lamp-2x" not in queued and "26n-lamp-2x" not in queued  # running, queued
     assert "v8n-bn_scale-2x" in queued and plan.remove == [next(r.task_id for r in records if r.state == "failed")]
-    assert len(queued) == 17 - 4 and plan.force == set()
+    assert len(queued) == len(experiments) - 4 and plan.force == set()
     assert queued == [e.name for e in experiments if e.name in queued]  # sweep order kept
     # Run with other params than the sweep's now: queued again, replacing the old result.
     changed = study.plan_queue(experiments, records, profile={**FIXTURE_PROFILE, "baseline.epochs": 80})
@@ -216,7 +232,7 @@ def test_collect_and_missing(experiments, records):
     gone = study.missing(records, experiments)
     assert gone["11n-lamp-2x"] == "running" and gone["26n-lamp-2x"] == "queued"
     assert gone["v8n-bn_scale-2x"] == "failed" and gone["v8n-l1-2x"] == "not queued"
-    assert len(gone) == 15
+    assert len(gone) == len(experiments) - 2  # all but the two finished
 
 
 # --- Pareto front and targets -----------------------------------------------------------------------------------------
@@ -282,6 +298,7 @@ def _table() -> tuple[pd.DataFrame, list[dict]]:
         _row("11n-lamp-2x", model=study.V11N, map_ft=0.75, lat_ft=6.5, map_base=0.79, lat_base=12.0, md5="b" * 32),
         _row("v8s-lamp-to-v8n", model=study.V8S, target=3.517, map_ft=0.83, lat_ft=11.0, map_base=0.86,
              lat_base=30.0, md5="c" * 32),
+        _row("v8n-lamp-2x-seed1", map_ft=0.77, lat_ft=5.7, map_base=0.81, lat_base=10.2, md5="d" * 32),
     ]
     controls = [{"name": "v8n-control", "source": "v8n-lamp-2x", "family": "v8n", "baseline_map50_95": 0.80,
                  "map50_95": 0.805, "latency_ms": 10.1, "epochs": 5, "baseline_md5": "a" * 32}]
@@ -319,8 +336,10 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "moved retention 91.2 % -> 95.0 % (+3.8 pt)" in text
     assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
     assert "the method is lamp" in text and "round_to is 16" in text
+    assert ("baseline mAP50-95 0.800 vs 0.810, fine-tuned 0.784 vs 0.770, retention 98.0 % vs 95.1 % (-2.9 pt), "
+            "latency speed-up 1.79× vs 1.79×") in text
     points = json.loads((tmp_path / "study" / "points.json").read_text())
-    assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 10 + 3 + 1
+    assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 11 + 3 + 1
     assert len(pd.read_csv(tmp_path / "study" / "experiments.csv")) == len(df)
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
 
@@ -329,7 +348,7 @@ def test_report_without_results(tmp_path, experiments, records):
     empty = study.collect([], experiments)
     md, png = study.write_report(empty, [], study.Context(missing=study.missing(records, experiments)), tmp_path)
     text = md.read_text()
-    assert "0 of 15 experiments finished" in text and "Not measured yet" in text and png.is_file()
+    assert f"0 of {len(experiments) - 2} experiments finished" in text and "Not measured yet" in text and png.is_file()
 
 
 def test_interleaved_medians_times_every_runner_in_rounds():

@@ -70,6 +70,8 @@ GENERATION_SPEED_UPS = (2.0, 3.0)
 ROUND_TOS = (1, 16)  # at 2x, besides params.yaml's prune.round_to (8)
 FEW_EPOCHS, LONG_EPOCHS = 3, 20  # fine-tune budgets at 2x besides 0 (the pruned model) and params.yaml's
 FRONTIER = (V8S, V8N)  # prune the first to the second's MACs; the second trained from scratch is the rival
+REPLICATE_SEED = 1  # the default experiment again with this training seed: how far results move by chance alone
+ADD = "+"  # an override key starting with it adds a key params.yaml lacks (DVC's `-S +key=value`)
 
 
 def family(model: str) -> str:
@@ -86,6 +88,7 @@ def exp_name(model: str, method: str, speed_up: float, suffix: str = "") -> str:
 DEFAULT = exp_name(V8N, DEFAULT_METHOD, 2.0)  # params.yaml's settings: the row several analyses share
 FRONTIER_NAME = f"{family(FRONTIER[0])}-{DEFAULT_METHOD}-to-{family(FRONTIER[1])}"
 REMEDY_NAME = exp_name(V8N, DEFAULT_METHOD, 3.0, f"-ft{LONG_EPOCHS}")
+REPLICATE_NAME = exp_name(V8N, DEFAULT_METHOD, 2.0, f"-seed{REPLICATE_SEED}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class Experiment:
 
     name: str
     purpose: str
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted params.yaml key -> value
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted params.yaml key (ADD-prefixed: new) -> value
 
     @property
     def dvc_name(self) -> str:
@@ -149,6 +152,9 @@ def sweep(frontier_speed_up: float) -> list[Experiment]:
     big, small = FRONTIER
     experiments.append(Experiment(FRONTIER_NAME, f"family frontier: {family(big)} pruned to {family(small)}'s MACs",
                                   {"model": big, "speed_up": frontier_speed_up, "method": DEFAULT_METHOD}))
+    seeds = {f"{ADD}{stage}.args.seed": REPLICATE_SEED for stage in ("baseline", "finetune")}
+    experiments.append(Experiment(REPLICATE_NAME, f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the "
+                                  "baseline's training and the fine-tune", {**experiments[0].overrides, **seeds}))
     return experiments
 
 
@@ -160,17 +166,25 @@ def controls() -> list[Control]:
 # --- params -------------------------------------------------------------------------------------------------------
 
 def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``params`` with each dotted key of ``overrides`` set (``prune.round_to``: a nested key)."""
+    """Return a copy of ``params`` with each dotted key of ``overrides`` set (``prune.round_to``: a nested key).
+
+    As ``dvc exp run -S`` does: a key must exist, unless it starts with ``ADD``
+    (``+baseline.args.seed``), which adds it and must not exist yet.
+    """
     out = deepcopy(params)
     for key, value in overrides.items():
-        *path, last = key.split(".")
+        adds = key.startswith(ADD)
+        *path, last = key.removeprefix(ADD).split(".")
         node = out
         for part in path:
             if not isinstance(node.get(part), dict):
                 raise YoloPruneError(f"override {key}: params.yaml has no section '{part}'; use a key of params.yaml")
             node = node[part]
-        if last not in node:
-            raise YoloPruneError(f"override {key}: params.yaml has no key '{key}'; use a key of params.yaml")
+        if adds and last in node:
+            raise YoloPruneError(f"override {key}: params.yaml has that key already; drop the leading '{ADD}'")
+        if not adds and last not in node:
+            raise YoloPruneError(f"override {key}: params.yaml has no key '{key}'; use a key of params.yaml, or "
+                                 f"'{ADD}{key}' to add one")
         node[last] = value
     return out
 
@@ -402,7 +416,7 @@ def _matches(params: dict[str, Any], settings: dict[str, Any]) -> bool:
     """Return whether ``params`` has every dotted key of ``settings`` at that value (numbers compared as numbers)."""
     for key, want in settings.items():
         node: Any = params
-        for part in key.split("."):
+        for part in key.removeprefix(ADD).split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(node, (int, float)):
             if not math.isclose(node, want, rel_tol=1e-9):
@@ -829,6 +843,7 @@ def reading(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_r
                           + (f" Missed: {worst}." if len(missed) else ""))
     else:
         out["targets"] = "No target checks yet."
+    out["spread"] = _spread(df)
 
     pruned = df.dropna(subset=["lat_speed_up", "achieved"])
     if len(pruned):
@@ -889,6 +904,18 @@ def _budget(df: pd.DataFrame) -> list[tuple[float, float]]:
     for r in _rows(df, [DEFAULT, *(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-ft{e}") for e in (FEW_EPOCHS, LONG_EPOCHS))]):
         out.append((float(r.ft_epochs), float(r.retention)))
     return sorted(out)
+
+
+def _spread(df: pd.DataFrame) -> str:
+    """Say how far the default experiment moves when only the training seed changes (see REPLICATE_SEED)."""
+    a, b = _row(df, DEFAULT), _row(df, REPLICATE_NAME)
+    if a is None or b is None:
+        return _pending([n for n, r in ((DEFAULT, a), (REPLICATE_NAME, b)) if r is None])
+    return (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune (same "
+            f"data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs {b.map_base:.3f}, "
+            f"fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs {b.retention:.1f} % "
+            f"({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× vs "
+            f"{b.lat_speed_up:.2f}×. Differences between other rows no larger than these are within chance.")
 
 
 def _frontier(df: pd.DataFrame) -> str:
@@ -1114,7 +1141,7 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
     return "\n".join(lines)
 
 
-READING = [("front", "Pareto front"), ("targets", "Targets"), ("latency_vs_macs", "Latency vs MACs"),
+READING = [("front", "Pareto front"), ("targets", "Targets"), ("spread", "Run-to-run spread"), ("latency_vs_macs", "Latency vs MACs"),
            ("methods", "Importance method"), ("round_to", "round_to"), ("budget", "Fine-tune budget"),
            ("generations", "Generations"), ("frontier", "Family frontier"), ("control", "Equal-budget control"),
            ("remedy", "Remedy tried"), ("recommendation", "Recommended default")]
