@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -384,7 +387,6 @@ def test_with_latency_replaces_the_stage_timings():
 
 def test_only_results_of_heads_pipeline_count(tmp_path):
     """An experiment run from a commit whose stage code differs from HEAD's is not a result of this code."""
-    import subprocess
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -437,3 +439,18 @@ def test_retime_times_each_file_once_and_reuses_the_record(tmp_path, monkeypatch
     assert saved["median_ms"] == record["median_ms"] and "machine" in saved
     (tmp_path / "work" / "onnx" / "ft2.onnx").unlink()  # the same files and settings: the record is reused
     assert study.retime(df, out_dir=tmp_path / "docs", threads=1, rounds=2, iters=3, warmup=1) == saved
+
+
+def test_dead_tasks_are_running_tasks_whose_process_is_gone(tmp_path):
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    run = tmp_path / ".dvc" / "tmp" / "exps" / "run"
+    for task, info in {"aaa111": {"pid": gone.pid, "returncode": None},  # killed with its worker
+                       "bbb222": {"pid": os.getpid(), "returncode": None},  # alive
+                       "ccc333": {"pid": gone.pid, "returncode": 0}}.items():  # finished normally
+        (run / f"{task}ffff").mkdir(parents=True)
+        (run / f"{task}ffff" / f"{task}ffff.json").write_text(json.dumps(info))
+    (run / "ddd444ffff").mkdir()
+    (run / "ddd444ffff" / "ddd444ffff.json").write_text("{trunc")  # being written
+    assert study.dead_tasks(["aaa111", "bbb222", "ccc333", "ddd444", "eee555"], tmp_path) == {"aaa111"}

@@ -412,6 +412,34 @@ def queue_status(repo: str | Path = ".") -> QueueStatus:
     return parse_queue_status(dvc("queue", "status", repo=repo).stdout)
 
 
+def dead_tasks(task_ids: Iterable[str], repo: str | Path = ".") -> set[str]:
+    """Return the tasks among ``task_ids`` (full or short ids) that DVC calls running but whose process is gone.
+
+    The queue records each task's process in ``.dvc/tmp/exps/run/<id>/<id>.json`` (pid,
+    and the return code once it ends). A worker killed with its task (``dvc queue stop
+    --kill``, a reboot) leaves the task "Running" for good, with no return code and no
+    process; waiting for it would never end.
+    """
+    run_dir = Path(repo) / ".dvc" / "tmp" / "exps" / "run"
+    dead = set()
+    for task in task_ids:
+        infos = sorted(run_dir.glob(f"{task}*/{task}*.json"))
+        try:
+            info = json.loads(infos[0].read_text()) if infos else {}
+        except (OSError, ValueError):
+            continue  # being written: not known to be dead
+        pid = info.get("pid")
+        if not isinstance(pid, int) or info.get("returncode") is not None:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(task)
+        except PermissionError:  # alive, another user's
+            pass
+    return dead
+
+
 def _matches(params: dict[str, Any], settings: dict[str, Any]) -> bool:
     """Return whether ``params`` has every dotted key of ``settings`` at that value (numbers compared as numbers)."""
     for key, want in settings.items():
@@ -471,6 +499,15 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     records = experiments_in(repo)
     now = current(records, repo)
     names = {e.dvc_name for e in experiments}
+    dead = dead_tasks([r.task_id for r in records if r.state == RUNNING and r.task_id], repo)
+    for r in records:
+        if r.task_id in dead and r.name in names:
+            LOGGER.warning("%s: shown as running, but its process is gone (a killed worker); removed from the "
+                           "queue to be queued again", r.name)
+            dvc("queue", "kill", r.task_id, repo=repo, check=False)
+            dvc("queue", "remove", r.task_id, repo=repo, check=False)
+    records = [r for r in records if r.task_id not in dead]
+    now = [r for r in now if r.task_id not in dead]
     for r in records:  # queued from older pipeline code (an earlier sitting): they would run that code
         if r.pending and r.name in names and r not in now and r.task_id:
             LOGGER.warning("%s: queued from commit %s, whose pipeline differs from HEAD's; removed from the queue",
@@ -534,22 +571,27 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
     status = queue_status(repo)
     if not status.names("running") and status.workers == 0:  # `queue start` adds a worker even when one runs
         dvc("queue", "start", "-j", "1", repo=repo, detach=True)
-    idle_polls = 0
+    idle_polls, warned = 0, set()
     while True:
         status = queue_status(repo)
-        pending = sorted(status.names("queued", "running") & names)
+        dead_ids = dead_tasks([t for t, _, s in status.tasks if s.lower() == RUNNING], repo)
+        dead = {n for t, n, _ in status.tasks if t in dead_ids}
+        for name in sorted((dead & names) - warned):
+            LOGGER.warning("%s: shown as running, but its process is gone; `make study` queues it again", name)
+        warned |= dead
+        pending = sorted((status.names("queued", "running") & names) - dead)
         if not pending:
             break
         # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for three polls in a row
         # with nothing running, never sooner: `dvc queue status` may count no worker while one starts or runs a task
         # (seen with DVC 3.67), and a second worker would run two experiments at once on a CPU meant for one.
-        gone = status.workers == 0 and not status.names("running")
+        gone = status.workers == 0 and not status.names("running") - dead
         idle_polls = idle_polls + 1 if gone else 0
         if idle_polls >= 3:
             LOGGER.warning("no queue worker is running; starting one")
             dvc("queue", "start", "-j", "1", repo=repo, detach=True)
             idle_polls = 0
-        running = sorted(status.names("running") & names)
+        running = sorted((status.names("running") - dead) & names)
         LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
                     ", ".join(running) or "none yet")
         time.sleep(poll_s)
