@@ -442,15 +442,40 @@ def test_retime_times_each_file_once_and_reuses_the_record(tmp_path, monkeypatch
 
 
 def test_dead_tasks_are_running_tasks_whose_process_is_gone(tmp_path):
-
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # reaped: its pid names no process now
     run = tmp_path / ".dvc" / "tmp" / "exps" / "run"
-    for task, info in {"aaa111": {"pid": gone.pid, "returncode": None},  # killed with its worker
-                       "bbb222": {"pid": os.getpid(), "returncode": None},  # alive
-                       "ccc333": {"pid": gone.pid, "returncode": 0}}.items():  # finished normally
-        (run / f"{task}ffff").mkdir(parents=True)
-        (run / f"{task}ffff" / f"{task}ffff.json").write_text(json.dumps(info))
-    (run / "ddd444ffff").mkdir()
-    (run / "ddd444ffff" / "ddd444ffff.json").write_text("{trunc")  # being written
-    assert study.dead_tasks(["aaa111", "bbb222", "ccc333", "ddd444", "eee555"], tmp_path) == {"aaa111"}
+
+    def record(task: str, info: dict | str) -> Path:
+        (run / task).mkdir(parents=True)
+        path = run / task / f"{task}.json"
+        path.write_text(info if isinstance(info, str) else json.dumps(info))
+        return path
+
+    record("aaa111ff", {"pid": gone.pid, "returncode": None})  # killed with its worker
+    record("bbb222ff", {"pid": os.getpid(), "returncode": None})  # alive, started before its record was written
+    reused = record("ccc333ff", {"pid": os.getpid(), "returncode": None})
+    os.utime(reused, (0, 0))  # recorded long before this process started: the pid was taken again
+    record("ddd444ff", {"pid": gone.pid, "returncode": 0})  # finished normally
+    record("eee555ff", "{trunc")  # being written
+    record("fff666aa", {"pid": gone.pid, "returncode": None})
+    record("fff666bb", {"pid": gone.pid, "returncode": None})  # "fff666" names two tasks: neither is known dead
+    ids = ["aaa111", "bbb222", "ccc333", "ddd444", "eee555", "fff666", "ggg777", "fff666aa"]
+    assert study.dead_tasks(ids, tmp_path) == {"aaa111", "ccc333", "fff666aa"}
+
+
+def test_wait_does_not_wait_for_a_dead_task(monkeypatch, experiments):
+    # A dead "Running" task and its live re-queued twin share a name: the twin is waited for, the dead one is not.
+    polls = iter([
+        study.QueueStatus([("aaa1111", "study-v8n-lamp-2x", "Running"), ("bbb2222", "study-v8n-lamp-2x", "Queued")], 0),
+        study.QueueStatus([("aaa1111", "study-v8n-lamp-2x", "Running"), ("bbb2222", "study-v8n-lamp-2x", "Success")], 1),
+    ])
+    calls = []
+    monkeypatch.setattr(study, "queue_status", lambda repo=".": next(polls))
+    monkeypatch.setattr(study, "dead_tasks", lambda ids, repo=".": {"aaa1111"} & set(ids))
+    monkeypatch.setattr(study, "dvc", lambda *argv, **kw: calls.append(argv))
+    monkeypatch.setattr(study, "experiments_in", lambda repo=".": [])
+    assert study.wait(experiments, poll_s=0) == []
+    assert calls == [("queue", "start", "-j", "1")]  # one worker: the dead task does not count as running
+    with pytest.raises(StopIteration):
+        next(polls)  # returned on the second poll, when only the dead task was left "Running"

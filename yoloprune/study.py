@@ -420,23 +420,31 @@ def dead_tasks(task_ids: Iterable[str], repo: str | Path = ".") -> set[str]:
     --kill``, a reboot) leaves the task "Running" for good, with no return code and no
     process; waiting for it would never end.
     """
+    import psutil
+
     run_dir = Path(repo) / ".dvc" / "tmp" / "exps" / "run"
     dead = set()
     for task in task_ids:
-        infos = sorted(run_dir.glob(f"{task}*/{task}*.json"))
+        infos = list(run_dir.glob(f"{task}*/{task}*.json"))
+        if len(infos) != 1:  # none, or a short id two tasks share: not known to be dead
+            continue
         try:
-            info = json.loads(infos[0].read_text()) if infos else {}
+            info, written = json.loads(infos[0].read_text()), infos[0].stat().st_mtime
         except (OSError, ValueError):
-            continue  # being written: not known to be dead
+            continue  # being written
         pid = info.get("pid")
         if not isinstance(pid, int) or info.get("returncode") is not None:
             continue
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            proc = psutil.Process(pid)
+            # A pid taken again by a later process (after a reboot) or a zombie is not the task's.
+            gone = proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > written + 1
+        except psutil.NoSuchProcess:
+            gone = True
+        except psutil.AccessDenied:  # alive, another user's
+            gone = False
+        if gone:
             dead.add(task)
-        except PermissionError:  # alive, another user's
-            pass
     return dead
 
 
@@ -568,32 +576,33 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
     leaves the worker running in the background.
     """
     names = {e.dvc_name for e in experiments}
-    status = queue_status(repo)
-    if not status.names("running") and status.workers == 0:  # `queue start` adds a worker even when one runs
-        dvc("queue", "start", "-j", "1", repo=repo, detach=True)
-    idle_polls, warned = 0, set()
+    idle_polls, warned, first = 0, set(), True
     while True:
         status = queue_status(repo)
-        dead_ids = dead_tasks([t for t, _, s in status.tasks if s.lower() == RUNNING], repo)
-        dead = {n for t, n, _ in status.tasks if t in dead_ids}
-        for name in sorted((dead & names) - warned):
-            LOGGER.warning("%s: shown as running, but its process is gone; `make study` queues it again", name)
-        warned |= dead
-        pending = sorted((status.names("queued", "running") & names) - dead)
+        dead = dead_tasks([t for t, _, s in status.tasks if s.lower() == RUNNING], repo)
+        for task, name, _ in status.tasks:
+            if task in dead and name in names and task not in warned:
+                LOGGER.warning("%s: shown as running, but its process is gone; `make study` queues it again", name)
+                warned.add(task)
+        live = [(n, s.lower()) for t, n, s in status.tasks if t not in dead]
+        running = sorted({n for n, s in live if s == RUNNING})
+        pending = sorted({n for n, s in live if s in (QUEUED, RUNNING)} & names)
         if not pending:
             break
+        if first and not running and status.workers == 0:  # `queue start` adds a worker even when one runs
+            dvc("queue", "start", "-j", "1", repo=repo, detach=True)
+        first = False
         # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for three polls in a row
         # with nothing running, never sooner: `dvc queue status` may count no worker while one starts or runs a task
         # (seen with DVC 3.67), and a second worker would run two experiments at once on a CPU meant for one.
-        gone = status.workers == 0 and not status.names("running") - dead
+        gone = status.workers == 0 and not running
         idle_polls = idle_polls + 1 if gone else 0
         if idle_polls >= 3:
             LOGGER.warning("no queue worker is running; starting one")
             dvc("queue", "start", "-j", "1", repo=repo, detach=True)
             idle_polls = 0
-        running = sorted((status.names("running") - dead) & names)
         LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
-                    ", ".join(running) or "none yet")
+                    ", ".join(sorted(set(running) & names)) or "none yet")
         time.sleep(poll_s)
     failed = [r for r in experiments_in(repo) if r.name in names and r.state == FAILED]
     for r in failed:
@@ -957,7 +966,7 @@ def _spread(df: pd.DataFrame) -> str:
             f"data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs {b.map_base:.3f}, "
             f"fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs {b.retention:.1f} % "
             f"({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× vs "
-            f"{b.lat_speed_up:.2f}×. Differences between other rows no larger than these are within chance.")
+            f"{b.lat_speed_up:.2f}×. One pair of runs, not a spread: read differences between other rows against it.")
 
 
 def _frontier(df: pd.DataFrame) -> str:
