@@ -60,7 +60,7 @@ def records() -> list[study.ExpRecord]:
 
 def test_sweep_names_are_unique_valid_refs(experiments):
     names = [e.dvc_name for e in experiments]
-    assert len(names) == len(set(names)) == 18
+    assert len(names) == len(set(names)) == 20
     for name in names:  # git ref rules DVC enforces: no spaces, "..", "~^:?*[\\", no trailing "." or ".lock"
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name and not name.endswith(".")
 
@@ -95,6 +95,8 @@ def test_sweep_covers_issue_9(experiments, params):
     assert experiments[0].name == study.DEFAULT and experiments[0].overrides == {
         "model": params["model"], "speed_up": params["speed_up"], "method": params["method"]}  # the default row
     assert {c.source for c in study.controls()} <= {e.name for e in experiments}
+    assert where(**{"finetune.epochs": study.LONG_EPOCHS, "speed_up": 3.0}) == {  # the remedy, every generation
+        "v8n-lamp-3x-ft20", "11n-lamp-3x-ft20", "26n-lamp-3x-ft20"}
 
 
 def _default(params: dict, key: str):
@@ -336,7 +338,7 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "v8n-l1-2x" not in front  # slower than lamp-2x-r16 (5.3 ms, 0.781) and less accurate
     assert "worth it: more accurate" in text  # v8s pruned 0.830 vs v8n from scratch 0.800
     assert "Retention at 2× by fine-tune epochs: 0: 25.0 %, 3: 93.8 %, 5: 98.0 %." in text
-    assert "moved retention 91.2 % -> 95.0 % (+3.8 pt)" in text
+    assert "moved retention: v8n 91.2 % -> 95.0 % (+3.8 pt, 5 -> 20 epochs)." in text
     assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
     assert "the method is lamp" in text and "round_to is 16" in text
     assert ("baseline mAP50-95 0.800 vs 0.810, fine-tuned 0.784 vs 0.770, retention 98.0 % vs 95.1 % (-2.9 pt), "
