@@ -481,3 +481,8 @@ def test_wait_does_not_wait_for_a_dead_task(monkeypatch, experiments):
     assert calls == [("queue", "start", "-j", "1")]  # one worker: the dead task does not count as running
     with pytest.raises(StopIteration):
         next(polls)  # returned on the second poll, when only the dead task was left "Running"
+
+
+def test_report_names_every_commit_the_experiments_ran_from():
+    assert study._commits("abc123") == "commit `abc123`"
+    assert study._commits("abc123, def456").startswith("commits `abc123`, `def456` (the same pipeline files")

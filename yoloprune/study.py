@@ -1112,7 +1112,7 @@ def plot(pts: pd.DataFrame, path: str | Path) -> Path:
 class Context:
     """What the report says besides the numbers: where they came from and how to make them again."""
 
-    commit: str = "unknown"
+    commit: str = "unknown"  # the commits the experiments ran from, comma-separated (their pipeline files are HEAD's)
     commands: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
@@ -1133,7 +1133,7 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
          "rewrites it. -->"),
         "",
         (f"Every figure below comes from the project's own pipeline (`dvc.yaml`), run as DVC experiments from "
-         f"commit `{ctx.commit}`; {done}. mAP50-95 is measured on the validation split with ONNX Runtime, latency "
+         f"{_commits(ctx.commit)}; {done}. mAP50-95 is measured on the validation split with ONNX Runtime, latency "
          "is the median ONNX Runtime CPU forward pass at batch 1 (see *Machine and versions*)."),
         "",
         "![mAP50-95 after fine-tuning vs ONNX Runtime CPU latency](results.png)",
@@ -1203,6 +1203,15 @@ READING = [("front", "Pareto front"), ("targets", "Targets"), ("spread", "Run-to
            ("remedy", "Remedy tried"), ("recommendation", "Recommended default")]
 
 
+def _commits(commits: str) -> str:
+    """Return "commit `a`", or "commits `a`, `b` (...)" for the comma-separated list of ``Context.commit``."""
+    shas = [c.strip() for c in commits.split(",") if c.strip()]
+    if len(shas) < 2:
+        return f"commit `{commits}`"
+    listed = ", ".join(f"`{c}`" for c in shas)
+    return f"commits {listed} (the same pipeline files: `dvc.yaml`, `params.yaml` and every stage's code)"
+
+
 def _controls_table(control_results: Sequence[dict]) -> str:
     if not control_results:
         return "_Not run yet (`python -m yoloprune.study control`)._"
@@ -1246,13 +1255,14 @@ def read_controls(out_dir: str | Path = OUT_DIR) -> list[dict]:
 def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], repo: str | Path = ".") -> Context:
     """Return the report's provenance: commit, commands, the benchmark's machine and versions, what is missing."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
-    commit = next((r.baseline for r in records), head.stdout.strip())[:12] or "unknown"
+    names = {e.dvc_name for e in experiments}
+    commits = sorted({r.baseline[:12] for r in records if r.finished and r.name in names and r.baseline})
+    commit = ", ".join(commits) or head.stdout.strip()[:12] or "unknown"
     commands = [f"dvc {' '.join(e.command())}" for e in experiments]
     commands += ["dvc queue start -j 1   # one worker: experiments would share 2 CPU cores badly",
                  "python -m yoloprune.study control   # the equal-budget controls (docs/study/*-control.json)",
                  "python -m yoloprune.study report    # this file, results.png, docs/study/"]
     machine, versions, measured_by = {}, {}, ""
-    names = {e.dvc_name for e in experiments}
     source = next((r for r in records if r.finished and r.name in names), None)
     if source is not None:
         shown = subprocess.run(["git", "show", f"{source.rev}:metrics/benchmark_full.json"], cwd=repo,
