@@ -341,6 +341,8 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "moved retention: v8n 91.2 % -> 95.0 % (+3.8 pt, 5 -> 20 epochs)." in text
     assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
     assert "the method is lamp" in text and "round_to is 16" in text
+    assert "the highest latency speed-up at 3× was v8n-lamp-3x's 2.38×" in text  # 10 / 4.2; ft20 ties, first wins
+    assert "the highest retention at 2× was v8n-lamp-2x-r1's 98.2 %" in text
     assert ("baseline mAP50-95 0.800 vs 0.810, fine-tuned 0.784 vs 0.770, retention 98.0 % vs 95.1 % (-2.9 pt), "
             "latency speed-up 1.79× vs 1.79×") in text
     points = json.loads((tmp_path / "study" / "points.json").read_text())
