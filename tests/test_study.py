@@ -295,15 +295,15 @@ def _table() -> tuple[pd.DataFrame, list[dict]]:
         _row("v8n-lamp-2x", map_ft=0.784, lat_ft=5.6),
         _row("v8n-lamp-1.5x", target=1.5, map_ft=0.795, lat_ft=7.2),
         _row("v8n-lamp-3x", target=3.0, map_ft=0.73, lat_ft=4.2),
-        _row("v8n-l1-2x", method="l1", map_ft=0.77, lat_ft=5.5),
-        _row("v8n-lamp-2x-r1", round_to=1, map_ft=0.786, lat_ft=6.4),
-        _row("v8n-lamp-2x-r16", round_to=16, map_ft=0.781, lat_ft=5.3),
-        _row("v8n-lamp-2x-ft3", ft=3, map_ft=0.75, lat_ft=5.6),
+        _row("v8n-l1-2x", method="l1", map_ft=0.77, lat_ft=5.5, achieved=2.004),
+        _row("v8n-lamp-2x-r1", round_to=1, map_ft=0.786, lat_ft=6.4, achieved=2.006),
+        _row("v8n-lamp-2x-r16", round_to=16, map_ft=0.781, lat_ft=5.3, achieved=2.012),
+        _row("v8n-lamp-2x-ft3", ft=3, map_ft=0.75, lat_ft=5.7),
         _row("v8n-lamp-3x-ft20", target=3.0, ft=20, map_ft=0.76, lat_ft=4.2),
         _row("11n-lamp-2x", model=study.V11N, map_ft=0.75, lat_ft=6.5, map_base=0.79, lat_base=12.0, md5="b" * 32),
         _row("v8s-lamp-to-v8n", model=study.V8S, target=3.517, map_ft=0.83, lat_ft=11.0, map_base=0.86,
              lat_base=30.0, md5="c" * 32),
-        _row("v8n-lamp-2x-seed1", map_ft=0.77, lat_ft=5.7, map_base=0.81, lat_base=10.2, md5="d" * 32),
+        _row("v8n-lamp-2x-seed1", map_ft=0.77, lat_ft=5.7, achieved=2.008, map_base=0.81, lat_base=10.2, md5="d" * 32),
     ]
     controls = [{"name": "v8n-control", "source": "v8n-lamp-2x", "family": "v8n", "baseline_map50_95": 0.80,
                  "map50_95": 0.805, "latency_ms": 10.1, "epochs": 5, "baseline_md5": "a" * 32}]
@@ -343,6 +343,8 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "the method is lamp" in text and "round_to is 16" in text
     assert "the highest latency speed-up at 3× was v8n-lamp-3x's 2.38×" in text  # 10 / 4.2; ft20 ties, first wins
     assert "the highest retention at 2× was v8n-lamp-2x-r1's 98.2 %" in text
+    # v8n-lamp-2x and -ft3 prune to the same widths (5.6 and 5.7 ms); -3x and -3x-ft20 too (4.2 ms both)
+    assert "timed up to 1.8% apart (2 such group(s))" in text
     assert ("baseline mAP50-95 0.800 vs 0.810, fine-tuned 0.784 vs 0.770, retention 98.0 % vs 95.1 % (-2.9 pt), "
             "latency speed-up 1.79× vs 1.79×") in text
     points = json.loads((tmp_path / "study" / "points.json").read_text())

@@ -965,11 +965,23 @@ def _spread(df: pd.DataFrame) -> str:
     a, b = _row(df, DEFAULT), _row(df, REPLICATE_NAME)
     if a is None or b is None:
         return _pending([n for n, r in ((DEFAULT, a), (REPLICATE_NAME, b)) if r is None])
-    return (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune (same "
+    return _timing_spread(df) + (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune (same "
             f"data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs {b.map_base:.3f}, "
             f"fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs {b.retention:.1f} % "
             f"({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× vs "
             f"{b.lat_speed_up:.2f}×. One pair of runs, not a spread: read differences between other rows against it.")
+
+
+def _timing_spread(df: pd.DataFrame) -> str:
+    """Say how far the latency of one pruned network moves between its copies (same widths, other weights)."""
+    same = df.dropna(subset=["lat_ft", "macs_ft"]).groupby(["family", "macs_ft", "params_ft"])["lat_ft"]
+    spreads = [(g.max() / g.min() - 1, len(g)) for _, g in same if len(g) > 1]
+    if not spreads:
+        return ""
+    worst = max(spreads)
+    return (f"Latency: experiments that prune to the same widths and differ only in their weights (fine-tune budget) "
+            f"timed up to {worst[0]:.1%} apart ({len(spreads)} such group(s)), so latency speed-ups closer than that "
+            "are within timing noise. Accuracy: ")
 
 
 def _frontier(df: pd.DataFrame) -> str:
