@@ -364,17 +364,25 @@ def test_interleaved_medians_times_every_runner_in_rounds():
     import time
 
     calls: list[str] = []
+    alive: list[int] = []  # runners that exist now: one at a time
 
-    def runner(key: str, seconds: float):
-        def run():
-            calls.append(key)
-            time.sleep(seconds)
-        return run
+    class Runner:
+        def __init__(self, key: str, seconds: float) -> None:
+            self.key, self.seconds = key, seconds
+            alive.append(1)
+            assert len(alive) == 1, "a runner was built while another one existed"
 
-    got = study.interleaved_medians({"slow": runner("slow", 0.004), "fast": runner("fast", 0.001)}, rounds=3,
-                                    iters=2, warmup=1)
-    assert calls == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3  # warm-up, then round after round
-    assert got["slow"] == pytest.approx(4, abs=3) and got["fast"] < got["slow"]
+        def __call__(self) -> None:
+            calls.append(self.key)
+            time.sleep(self.seconds)
+
+        def __del__(self) -> None:
+            alive.pop()
+
+    got = study.interleaved_medians({"slow": lambda: Runner("slow", 0.004), "fast": lambda: Runner("fast", 0.001)},
+                                    rounds=3, iters=2, warmup=1)
+    assert calls == ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3
+    assert got["slow"] == pytest.approx(4, abs=3) and got["fast"] < got["slow"] and not alive
 
 
 def test_with_latency_replaces_the_stage_timings():

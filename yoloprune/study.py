@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -779,12 +779,17 @@ def onnx_outs(params: dict[str, Any]) -> dict[str, str]:
     return {"base": f"models/baseline_{imgsz}_b1.onnx", "ft": f"models/finetuned_{imgsz}_b1.onnx"}
 
 
-def interleaved_medians(runners: dict[str, Any], rounds: int, iters: int, warmup: int) -> dict[str, float]:
-    """Return each runner's median call time (ms), timed in ``rounds`` rounds of ``iters`` calls, runner after runner.
+def interleaved_medians(factories: dict[str, Callable[[], Callable[[], object]]], rounds: int, iters: int,
+                        warmup: int) -> dict[str, float]:
+    """Return each model's median call time (ms), timed in ``rounds`` rounds, model after model.
 
-    Interleaving spreads any slow stretch of a shared CPU over every model alike,
-    where timing one model after another (as each experiment's benchmark stage does)
-    charges it to whichever model ran then.
+    ``factories`` make each model's runner. Interleaving spreads any slow stretch of a
+    shared CPU over every model alike, where timing one model after another (as each
+    experiment's benchmark stage does) charges it to whichever model ran then. Each
+    turn builds the runner, warms it up, times ``iters`` calls and drops it, so one
+    session exists at a time: with all of them open, the idle sessions' ONNX Runtime
+    threads spin and slow the one being timed (measured: up to 59 % between copies
+    of the same network).
     """
     from statistics import median
 
@@ -793,17 +798,17 @@ def interleaved_medians(runners: dict[str, Any], rounds: int, iters: int, warmup
     from yoloprune.benchmark import time_calls
 
     cpu = torch.device("cpu")
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    for run in runners.values():
-        time_calls(run, warmup, 0, cpu)
+    times: dict[str, list[float]] = {key: [] for key in factories}
     for _ in range(rounds):
-        for key, run in runners.items():
-            times[key] += time_calls(run, 0, iters, cpu)
+        for key, make in factories.items():
+            run = make()
+            times[key] += time_calls(run, warmup, iters, cpu)
+            del run
     return {key: median(t) for key, t in times.items()}
 
 
 def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_DIR, threads: int = 2,
-           rounds: int = 10, iters: int = 20, warmup: int = 10) -> dict[str, Any]:
+           rounds: int = 5, iters: int = 40, warmup: int = 5) -> dict[str, Any]:
     """Time every experiment's exported ONNX models again in one interleaved pass; write and return the record.
 
     Each file is read from DVC's cache at its experiment's commit (the same bytes the
@@ -829,15 +834,15 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
         if old.get("settings") == settings and set(old.get("median_ms", {})) == set(files):
             return old
     work = WORK_DIR / "onnx"
-    runners = {}
+    factories = {}
     for md5, (repo_path, rev, imgsz) in files.items():
         local = work / f"{md5}.onnx"
         if not local.is_file():
             with dvc.api.open(repo_path, repo=str(repo), rev=rev, mode="rb") as src, atomic_path(local) as tmp:
                 tmp.write_bytes(src.read())
-        runners[md5] = onnx_runner(local, imgsz, 1, threads=threads)
-    LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(runners), rounds, iters)
-    record = {"settings": settings, "median_ms": interleaved_medians(runners, rounds, iters, warmup),
+        factories[md5] = functools.partial(onnx_runner, local, imgsz, 1, threads=threads)
+    LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(factories), rounds, iters)
+    record = {"settings": settings, "median_ms": interleaved_medians(factories, rounds, iters, warmup),
               "machine": machine_info(torch.device("cpu")), "versions": library_versions("onnx"),
               "timed_at": datetime.now().astimezone().isoformat(timespec="seconds")}
     write_json(record, path)
