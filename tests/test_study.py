@@ -407,8 +407,12 @@ def test_only_results_of_heads_pipeline_count(tmp_path):
                               capture_output=True, text=True).stdout.strip()
 
     (tmp_path / "stages").mkdir()
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prune": {
-        "cmd": "python stages/prune.py", "deps": ["stages/prune.py", "models/converted.pt"], "outs": ["m.pt"]}}}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prune": {"cmd": "python stages/prune.py", "deps": ["stages/prune.py", "models/converted.pt"],
+                  "outs": ["m.pt"], "metrics": [{"metrics/prune.json": {"cache": False}}]},
+        "benchmark": {"cmd": "true", "deps": ["metrics/prune.json", "m.pt"]}}}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "prune.json").write_text('{"speed_up": 2.0}\n')  # a result, committed to git
     (tmp_path / "params.yaml").write_text("speed_up: 2\n")
     (tmp_path / "stages" / "prune.py").write_text("v = 1\n")
     (tmp_path / "README.md").write_text("a\n")
@@ -427,7 +431,8 @@ def test_only_results_of_heads_pipeline_count(tmp_path):
             for rev in (old, docs, head)]
     assert [r.baseline for r in study.current(recs, tmp_path)] == [head]
     (tmp_path / "README.md").write_text("c\n")
-    git("commit", "-qam", "docs again")
+    (tmp_path / "metrics" / "prune.json").write_text('{"speed_up": 2.01}\n')  # a new run's result: not code
+    git("commit", "-qam", "docs and metrics")
     assert [r.baseline for r in study.current(recs, tmp_path)] == [head]
 
 

@@ -380,10 +380,18 @@ def experiments_in(repo: str | Path = ".") -> list[ExpRecord]:
 
 
 def pipeline_files(repo: str | Path = ".") -> list[str]:
-    """Return the tracked files whose content decides a stage's results: dvc.yaml, params.yaml and code deps."""
+    """Return the tracked files whose content decides a stage's results: dvc.yaml, params.yaml and code deps.
+
+    A dependency that another stage writes (a metrics file committed to git, read by a
+    later stage) is a result, not an input: committing a new run of it changes nothing
+    the stages compute from.
+    """
     root = Path(repo)
     stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    deps = {d for stage in stages.values() for d in (stage or {}).get("deps") or [] if isinstance(d, str)}
+    written = {next(iter(o)) if isinstance(o, dict) else o for stage in stages.values()
+               for kind in ("outs", "metrics", "plots") for o in (stage or {}).get(kind) or []}
+    deps = {d for stage in stages.values() for d in (stage or {}).get("deps") or []
+            if isinstance(d, str) and d not in written}
     out = subprocess.run(["git", "ls-files", "--", *sorted(deps)], cwd=root, capture_output=True, text=True,
                          check=False)
     return sorted({"dvc.yaml", "params.yaml", *out.stdout.split()})
