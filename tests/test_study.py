@@ -487,7 +487,8 @@ def test_wait_does_not_wait_for_a_dead_task(monkeypatch, experiments):
     # A dead "Running" task and its live re-queued twin share a name: the twin is waited for, the dead one is not.
     polls = iter([
         study.QueueStatus([("aaa1111", "study-v8n-lamp-2x", "Running"), ("bbb2222", "study-v8n-lamp-2x", "Queued")], 0),
-        study.QueueStatus([("aaa1111", "study-v8n-lamp-2x", "Running"), ("bbb2222", "study-v8n-lamp-2x", "Success")], 1),
+        study.QueueStatus([("aaa1111", "study-v8n-lamp-2x", "Running"),
+                           ("bbb2222", "study-v8n-lamp-2x", "Success")], 1),
     ])
     calls = []
     monkeypatch.setattr(study, "queue_status", lambda repo=".": next(polls))

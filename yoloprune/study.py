@@ -515,7 +515,6 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     _warn_if_dirty(repo)
     _warn_if_uncached(repo)
     records = experiments_in(repo)
-    now = current(records, repo)
     names = {e.dvc_name for e in experiments}
     dead = dead_tasks([r.task_id for r in records if r.state == RUNNING and r.task_id], repo)
     for r in records:
@@ -525,7 +524,7 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
             dvc("queue", "kill", r.task_id, repo=repo, check=False)
             dvc("queue", "remove", r.task_id, repo=repo, check=False)
     records = [r for r in records if r.task_id not in dead]
-    now = [r for r in now if r.task_id not in dead]
+    now = current(records, repo)
     for r in records:  # queued from older pipeline code (an earlier sitting): they would run that code
         if r.pending and r.name in names and r not in now and r.task_id:
             LOGGER.warning("%s: queued from commit %s, whose pipeline differs from HEAD's; removed from the queue",
@@ -595,7 +594,7 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
                 LOGGER.warning("%s: shown as running, but its process is gone; `make study` queues it again", name)
                 warned.add(task)
         live = [(n, s.lower()) for t, n, s in status.tasks if t not in dead]
-        running = sorted({n for n, s in live if s == RUNNING})
+        running = {n for n, s in live if s == RUNNING}
         pending = sorted({n for n, s in live if s in (QUEUED, RUNNING)} & names)
         if not pending:
             break
@@ -612,7 +611,7 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
             dvc("queue", "start", "-j", "1", repo=repo, detach=True)
             idle_polls = 0
         LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
-                    ", ".join(sorted(set(running) & names)) or "none yet")
+                    ", ".join(sorted(running & names)) or "none yet")
         time.sleep(poll_s)
     failed = [r for r in experiments_in(repo) if r.name in names and r.state == FAILED]
     for r in failed:
@@ -978,23 +977,25 @@ def _spread(df: pd.DataFrame) -> str:
     a, b = _row(df, DEFAULT), _row(df, REPLICATE_NAME)
     if a is None or b is None:
         return _pending([n for n, r in ((DEFAULT, a), (REPLICATE_NAME, b)) if r is None])
-    return _timing_spread(df) + (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune (same "
-            f"data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs {b.map_base:.3f}, "
-            f"fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs {b.retention:.1f} % "
-            f"({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× vs "
-            f"{b.lat_speed_up:.2f}×. One pair of runs, not a spread: read differences between other rows against it.")
+    accuracy = (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune "
+                f"(same data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs "
+                f"{b.map_base:.3f}, fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs "
+                f"{b.retention:.1f} % ({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× "
+                f"vs {b.lat_speed_up:.2f}×. One pair of runs, not a spread: read differences between other rows "
+                "against it.")
+    timing = _timing_spread(df)
+    return f"{timing} Accuracy: {accuracy}" if timing else accuracy
 
 
 def _timing_spread(df: pd.DataFrame) -> str:
     """Say how far the latency of one pruned network moves between its copies (same widths, other weights)."""
     same = df.dropna(subset=["lat_ft", "macs_ft"]).groupby(["family", "macs_ft", "params_ft"])["lat_ft"]
-    spreads = [(g.max() / g.min() - 1, len(g)) for _, g in same if len(g) > 1]
+    spreads = [g.max() / g.min() - 1 for _, g in same if len(g) > 1]
     if not spreads:
         return ""
-    worst = max(spreads)
     return (f"Latency: experiments that prune to the same widths and differ only in their weights (fine-tune budget) "
-            f"timed up to {worst[0]:.1%} apart ({len(spreads)} such group(s)), so latency speed-ups closer than that "
-            "are within timing noise. Accuracy: ")
+            f"timed up to {max(spreads):.1%} apart ({len(spreads)} such group(s)), so latency speed-ups closer than "
+            "that are within timing noise.")
 
 
 def _frontier(df: pd.DataFrame) -> str:
@@ -1045,14 +1046,11 @@ def _gaps(df: pd.DataFrame, checks: pd.DataFrame) -> str:
         return "No target missed." if len(checks) else _pending(["the sweep"])
     parts = []
     for target in sorted({t.speed_up for t in TARGETS}):
-        rows = df[(df["target"] == target) & df["lat_speed_up"].notna()]
-        if len(rows):
-            best = rows.loc[rows["lat_speed_up"].idxmax()]
-            parts.append(f"the highest latency speed-up at {target:g}× was {best.experiment}'s {best.lat_speed_up:.2f}×")
-        rows = df[(df["target"] == target) & df["retention"].notna()]
-        if len(rows):
-            best = rows.loc[rows["retention"].idxmax()]
-            parts.append(f"the highest retention at {target:g}× was {best.experiment}'s {best.retention:.1f} %")
+        for col, what, fmt in (("lat_speed_up", "latency speed-up", "{:.2f}×"), ("retention", "retention", "{:.1f} %")):
+            rows = df[(df["target"] == target) & df[col].notna()]
+            if len(rows):
+                best = rows.loc[rows[col].idxmax()]
+                parts.append(f"the highest {what} at {target:g}× was {best.experiment}'s {fmt.format(best[col])}")
     return ("Of the settings measured, " + "; ".join(parts) + ". Not tried here: distillation from the unpruned "
             "model during the fine-tune, sparsity training before pruning, and a larger image size (where the "
             "convolutions, not the per-call overhead, take the time).")
@@ -1242,10 +1240,11 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
     return "\n".join(lines)
 
 
-READING = [("front", "Pareto front"), ("targets", "Targets"), ("spread", "Run-to-run spread"), ("latency_vs_macs", "Latency vs MACs"),
-           ("methods", "Importance method"), ("round_to", "round_to"), ("budget", "Fine-tune budget"),
-           ("generations", "Generations"), ("frontier", "Family frontier"), ("control", "Equal-budget control"),
-           ("remedy", "Remedy tried"), ("gaps", "Closing the gaps"), ("recommendation", "Recommended default")]
+READING = [("front", "Pareto front"), ("targets", "Targets"), ("spread", "Run-to-run spread"),
+           ("latency_vs_macs", "Latency vs MACs"), ("methods", "Importance method"), ("round_to", "round_to"),
+           ("budget", "Fine-tune budget"), ("generations", "Generations"), ("frontier", "Family frontier"),
+           ("control", "Equal-budget control"), ("remedy", "Remedy tried"), ("gaps", "Closing the gaps"),
+           ("recommendation", "Recommended default")]
 
 
 def _commits(commits: str) -> str:
