@@ -137,6 +137,27 @@ def test_replicate_adds_the_seed_as_dvc_does(experiments, params):
     assert not study._matches(params, replicate.settings({}))
 
 
+def test_plateau_probe_is_each_generations_2x_with_a_longer_baseline(experiments, params):
+    probe = study.plateau_probe()
+    by_name = {e.name: e for e in experiments}
+    assert [e.name for e in probe] == ["v8n-lamp-2x-e120", "11n-lamp-2x-e120", "26n-lamp-2x-e120"]
+    assert study.PLATEAU_EPOCHS > study.PROFILE["baseline.epochs"]
+    for e in probe:
+        twin = by_name[e.name.removesuffix(study.PLATEAU_SUFFIX)]
+        assert {k: v for k, v in e.overrides.items() if k != "baseline.epochs"} == twin.overrides
+        settings = e.settings()  # the probe's own epochs win over the profile's, in the profile's place
+        assert next(iter(settings)) == "baseline.epochs" and settings["baseline.epochs"] == study.PLATEAU_EPOCHS
+        sets = [a for i, a in enumerate(e.command()) if e.command()[i - 1] == "-S"]
+        assert [a for a in sets if a.startswith("baseline.epochs=")] == ["baseline.epochs=120"]
+        checked = study.check_params(study.apply_overrides(params, e.overrides), e.name)
+        assert checked["baseline"]["epochs"] == 120 and checked["speed_up"] == 2.0
+    assert [(c.name, c.source) for c in study.controls(probe=True)] == [
+        ("v8n-control-e120", "v8n-lamp-2x-e120"), ("11n-control-e120", "11n-lamp-2x-e120"),
+        ("26n-control-e120", "26n-lamp-2x-e120")]
+    assert not {c.name for c in study.controls(probe=True)} & {c.name for c in study.controls()}
+    assert not {e.dvc_name for e in probe} & {e.dvc_name for e in experiments}  # not part of `make study`
+
+
 def test_frontier_speed_up_is_the_mac_ratio(params):
     sweep = study.study_sweep(ROOT / "params.yaml")  # builds yolov8s and yolov8n at the study imgsz
     frontier = next(e for e in sweep if e.name == study.FRONTIER_NAME)
@@ -351,6 +372,34 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 11 + 3 + 1
     assert len(pd.read_csv(tmp_path / "study" / "experiments.csv")) == len(df)
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
+
+
+def test_report_reads_the_plateau_probe(tmp_path):
+    df, controls = _table()
+    probe = pd.DataFrame([
+        {**_row("v8n-lamp-2x-e120", map_ft=0.83, map_base=0.84, md5="e" * 32), "base_epochs": 80},
+        {**_row("11n-lamp-2x-e120", model=study.V11N, map_ft=0.80, map_base=0.82, md5="f" * 32), "base_epochs": 80},
+    ])
+    probe_controls = [
+        {"name": "v8n-control-e120", "source": "v8n-lamp-2x-e120", "family": "v8n", "baseline_map50_95": 0.84,
+         "map50_95": 0.842, "latency_ms": 10.0, "epochs": 5, "baseline_md5": "e" * 32},
+        {"name": "11n-control-e120", "source": "11n-lamp-2x-e120", "family": "11n", "baseline_map50_95": 0.70,
+         "map50_95": 0.75, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "0" * 32},  # another baseline's
+    ]
+    md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path, probe, probe_controls)
+    text = md.read_text()
+    assert ("v8n: baseline 0.800 -> 0.840 (+0.040) from 40 to 80 epochs; then +0.002 from 5 more epochs (a plateau) "
+            "(against +0.005 at 40); 2× retention 98.0 % -> 98.8 %, against the control 97.4 % -> 98.6 %") in text
+    assert "11n: baseline 0.790 -> 0.820 (+0.030) from 40 to 80 epochs; then its control not run yet;" in text
+    assert "1 of 1 controls gained less than 0.01 mAP50-95" in text
+    assert "| v8n-lamp-2x-e120 | 80 | 0.840 | 0.842 | +0.002 | 0.830 | 98.8 % | 98.6 % |" in text
+    table = pd.read_csv(tmp_path / "study" / "plateau.csv")
+    assert list(table["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-e120", "11n-lamp-2x", "11n-lamp-2x-e120"]
+    assert table["ctrl_gain"].round(3).tolist()[:2] == [0.005, 0.002] and table["ctrl_gain"].isna().tolist()[2:] == [
+        True, True]
+    # Without the probe, the section says what is missing.
+    md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path / "none")
+    assert "Not measured yet (v8n-lamp-2x-e120, 11n-lamp-2x-e120, 26n-lamp-2x-e120 unfinished)." in md.read_text()
 
 
 def test_report_without_results(tmp_path, experiments, records):

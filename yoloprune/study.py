@@ -71,6 +71,8 @@ ROUND_TOS = (1, 16)  # at 2x, besides params.yaml's prune.round_to (8)
 FEW_EPOCHS, LONG_EPOCHS = 3, 20  # fine-tune budgets at 2x besides 0 (the pruned model) and params.yaml's
 FRONTIER = (V8S, V8N)  # prune the first to the second's MACs; the second trained from scratch is the rival
 REPLICATE_SEED = 1  # the default experiment again with this training seed: how far results move by chance alone
+PLATEAU_EPOCHS = 120  # the plateau probe trains each generation's baseline this long: twice PROFILE's
+PLATEAU_TOL = 0.01  # a control gaining less mAP50-95 than this says its baseline had plateaued
 ADD = "+"  # an override key starting with it adds a key params.yaml lacks (DVC's `-S +key=value`)
 
 
@@ -89,6 +91,7 @@ DEFAULT = exp_name(V8N, DEFAULT_METHOD, 2.0)  # params.yaml's settings: the row 
 FRONTIER_NAME = f"{family(FRONTIER[0])}-{DEFAULT_METHOD}-to-{family(FRONTIER[1])}"
 REMEDY_SUFFIX = f"-ft{LONG_EPOCHS}"  # the remedy tried where the 3x targets are missed: a longer fine-tune
 REPLICATE_NAME = exp_name(V8N, DEFAULT_METHOD, 2.0, f"-seed{REPLICATE_SEED}")
+PLATEAU_SUFFIX = f"-e{PLATEAU_EPOCHS}"
 
 
 @dataclass(frozen=True)
@@ -160,9 +163,26 @@ def sweep(frontier_speed_up: float) -> list[Experiment]:
     return experiments
 
 
-def controls() -> list[Control]:
-    """Return the equal-budget controls: one per generation, on the baseline of its default-setting experiment."""
-    return [Control(f"{family(m)}-control", exp_name(m, DEFAULT_METHOD, 2.0)) for m in GENERATIONS]
+def plateau_probe() -> list[Experiment]:
+    """Return the plateau probe: each generation's 2x experiment again, its baseline trained ``PLATEAU_EPOCHS``.
+
+    Its controls (``controls(probe=True)``) say whether the longer baselines still gain
+    from more training; its rows say whether the sweep's 2x retention holds against a
+    baseline trained twice as long. It is not part of ``make study`` (see README).
+    """
+    return [Experiment(exp_name(m, DEFAULT_METHOD, 2.0, PLATEAU_SUFFIX),
+                       f"plateau probe: {exp_name(m, DEFAULT_METHOD, 2.0)} with a {PLATEAU_EPOCHS}-epoch baseline",
+                       {"model": m, "speed_up": 2.0, "method": DEFAULT_METHOD, "baseline.epochs": PLATEAU_EPOCHS})
+            for m in GENERATIONS]
+
+
+def controls(probe: bool = False) -> list[Control]:
+    """Return the equal-budget controls: one per generation, on the baseline of its 2x default-method experiment.
+
+    ``probe``: the controls of the plateau probe's experiments instead of the sweep's.
+    """
+    suffix = PLATEAU_SUFFIX if probe else ""
+    return [Control(f"{family(m)}-control{suffix}", exp_name(m, DEFAULT_METHOD, 2.0, suffix)) for m in GENERATIONS]
 
 
 # --- params -------------------------------------------------------------------------------------------------------
@@ -232,10 +252,11 @@ def family_speed_up(large: str, small: str, imgsz: int, nc: int) -> float:
     return round(model_macs(large, imgsz, nc) / model_macs(small, imgsz, nc), 3)
 
 
-def study_sweep(params_path: str | Path = "params.yaml") -> list[Experiment]:
-    """Return the sweep for this repository's params.yaml, every experiment's params validated."""
+def study_sweep(params_path: str | Path = "params.yaml", probe: bool = False) -> list[Experiment]:
+    """Return the sweep (``probe``: the plateau probe) for this repository's params.yaml, every experiment validated."""
     params = study_params(params_path)
-    experiments = sweep(family_speed_up(*FRONTIER, params["imgsz"], dataset_classes(params)))
+    experiments = plateau_probe() if probe else sweep(family_speed_up(*FRONTIER, params["imgsz"],
+                                                                      dataset_classes(params)))
     for e in experiments:
         check_params(apply_overrides(params, e.overrides), e.name)
     return experiments
@@ -1020,13 +1041,70 @@ def _control(df: pd.DataFrame, control_results: Sequence[dict]) -> str:
         rows = df[(df["baseline_md5"] == c["baseline_md5"]) & df["retention_ctrl"].notna()]
         ret = ", ".join(f"{r.experiment} {r.retention_ctrl:.1f} % (vs baseline {r.retention:.1f} %)"
                         for r in rows.itertuples())
-        plateau = ("the baseline had plateaued" if abs(gain) < 0.01 else
-                   "the baseline had NOT plateaued: raise PROFILE's baseline.epochs" if gain > 0 else
+        plateau = ("the baseline had plateaued" if abs(gain) < PLATEAU_TOL else
+                   "the baseline had NOT plateaued (see *Plateau probe*)" if gain > 0 else
                    "further training lowered it")
         parts.append(f"{c['name']}: {c['epochs']} more epochs on the fine-tune schedule took mAP50-95 "
                      f"{c['baseline_map50_95']:.3f} -> {c['map50_95']:.3f} ({gain:+.3f}: {plateau})"
                      + (f"; retention against it: {ret}" if ret else ""))
     return "; ".join(parts) + "."
+
+
+def plateau_table(df: pd.DataFrame, probe_df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFrame:
+    """Return, per generation and baseline budget, the 2x experiment's baseline, control and fine-tuned mAP50-95.
+
+    ``df`` holds the sweep's rows, ``probe_df`` the plateau probe's; ``control_results``
+    both sets of controls. A control counts for the row whose baseline it trained.
+    """
+    by_source = {c["source"]: c for c in control_results}
+    rows = []
+    for m in GENERATIONS:
+        for table, suffix in ((df, ""), (probe_df, PLATEAU_SUFFIX)):
+            name = exp_name(m, DEFAULT_METHOD, 2.0, suffix)
+            r = _row(table, name)
+            if r is None:
+                continue
+            c = by_source.get(name)
+            ours = bool(c) and c.get("baseline_md5") == r.baseline_md5
+            ctrl = float(c["map50_95"]) if ours else math.nan
+            rows.append({"family": family(m), "experiment": name, "base_epochs": r.base_epochs,
+                         "map_base": r.map_base, "ctrl_epochs": float(c["epochs"]) if ours else math.nan,
+                         "map_ctrl": ctrl, "ctrl_gain": ctrl - r.map_base,
+                         "map_ft": r.map_ft, "retention": r.retention, "retention_ctrl": 100 * r.map_ft / ctrl,
+                         "achieved": r.achieved})
+    return pd.DataFrame(rows, columns=["family", "experiment", "base_epochs", "map_base", "ctrl_epochs", "map_ctrl",
+                                       "ctrl_gain",
+                                       "map_ft", "retention", "retention_ctrl", "achieved"])
+
+
+def _plateau(pl: pd.DataFrame) -> str:
+    """Return the plateau probe's reading: what doubling the baselines' training changed, per generation."""
+    probe = pl[pl["experiment"].str.endswith(PLATEAU_SUFFIX)] if len(pl) else pl
+    if not len(probe):
+        return _pending([e.name for e in plateau_probe()])
+    parts, flat = [], []
+    for r in probe.itertuples():
+        short = pl[(pl["family"] == r.family) & ~pl["experiment"].str.endswith(PLATEAU_SUFFIX)]
+        s = next(short.itertuples(), None)
+        gain = ("its control not run yet" if math.isnan(r.ctrl_gain) else
+                f"{r.ctrl_gain:+.3f} from {r.ctrl_epochs:.0f} more epochs "
+                f"({'a plateau' if abs(r.ctrl_gain) < PLATEAU_TOL else 'still gaining'})")
+        if not math.isnan(r.ctrl_gain):
+            flat.append(abs(r.ctrl_gain) < PLATEAU_TOL)
+        if s is None:
+            parts.append(f"{r.family}: baseline {r.map_base:.3f} after {r.base_epochs:.0f} epochs, {gain}; 2× "
+                         f"retention {r.retention:.1f} %")
+            continue
+        was = "" if math.isnan(s.ctrl_gain) else f" (against {s.ctrl_gain:+.3f} at {s.base_epochs:.0f})"
+        ctrl = ("" if math.isnan(r.retention_ctrl) or math.isnan(s.retention_ctrl) else
+                f", against the control {s.retention_ctrl:.1f} % -> {r.retention_ctrl:.1f} %")
+        parts.append(f"{r.family}: baseline {s.map_base:.3f} -> {r.map_base:.3f} ({r.map_base - s.map_base:+.3f}) "
+                     f"from {s.base_epochs:.0f} to {r.base_epochs:.0f} epochs; then {gain}{was}; 2× retention "
+                     f"{s.retention:.1f} % -> {r.retention:.1f} %{ctrl}")
+    verdict = ("" if not flat else
+               f" With {PLATEAU_EPOCHS}-epoch baselines, {sum(flat)} of {len(flat)} controls gained less than "
+               f"{PLATEAU_TOL} mAP50-95 (this report's plateau bar).")
+    return "; ".join(parts) + "." + verdict
 
 
 def _remedy(df: pd.DataFrame) -> str:
@@ -1165,9 +1243,10 @@ class Context:
 
 
 def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_results: Sequence[dict],
-           ctx: Context) -> str:
-    """Return ``results.md``: the reading, the plot, the tables, the commands, machine and versions."""
+           ctx: Context, plateau: pd.DataFrame | None = None) -> str:
+    """Return ``results.md``: the reading, the plot, the tables, the plateau probe, commands, machine and versions."""
     said = reading(df, pts, checks, control_results)
+    plateau = plateau_table(df, df.iloc[:0], control_results) if plateau is None else plateau
     done = f"{len(df)} of {len(df) + len(ctx.missing)} experiments finished" + (f" ({ctx.span})" if ctx.span else "")
     lines = [
         "# Pruning study: accuracy and real speed",
@@ -1208,6 +1287,16 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
         "## Equal-budget controls",
         "",
         _controls_table(control_results),
+        "",
+        "## Plateau probe",
+        "",
+        (f"Each generation's 2× experiment again, its baseline trained {PLATEAU_EPOCHS} epochs instead of "
+         f"{PROFILE['baseline.epochs']}, with an equal-budget control on that baseline: `make study-plateau` (not "
+         f"part of `make study`). A control that gains less than {PLATEAU_TOL} mAP50-95 counts as a plateau."),
+        "",
+        _plateau(plateau),
+        "",
+        _plateau_md(plateau),
         "",
     ]
     if ctx.missing:
@@ -1265,31 +1354,45 @@ def _controls_table(control_results: Sequence[dict]) -> str:
                            "latency ms"])
 
 
-def write_report(df: pd.DataFrame, control_results: Sequence[dict], ctx: Context, out_dir: str | Path = OUT_DIR
-                 ) -> tuple[Path, Path]:
-    """Write ``results.md``, ``results.png`` and ``study/{experiments.csv,points.json}`` under ``out_dir``, atomically.
+def _plateau_md(pl: pd.DataFrame) -> str:
+    if not len(pl):
+        return ""
+    rows = [[r.experiment, _fmt(r.base_epochs, "{:.0f}"), _fmt(r.map_base, "{:.3f}"), _fmt(r.map_ctrl, "{:.3f}"),
+             _fmt(r.ctrl_gain, "{:+.3f}"), _fmt(r.map_ft, "{:.3f}"), _fmt(r.retention, "{:.1f} %"),
+             _fmt(r.retention_ctrl, "{:.1f} %"), _fmt(r.achieved, "{:.3f}×")] for r in pl.itertuples()]
+    return md_table(rows, ["experiment", "baseline epochs", "mAP50-95 baseline", "control", "control gain",
+                           "fine-tuned 2×", "retention", "vs control", "MACs speed-up"])
 
-    Return the paths of the markdown and the PNG.
+
+def write_report(df: pd.DataFrame, control_results: Sequence[dict], ctx: Context, out_dir: str | Path = OUT_DIR,
+                 probe_df: pd.DataFrame | None = None, probe_controls: Sequence[dict] = ()) -> tuple[Path, Path]:
+    """Write ``results.md``, ``results.png`` and ``study/{experiments,plateau}.csv, points.json`` under ``out_dir``.
+
+    ``probe_df`` and ``probe_controls`` are the plateau probe's rows and controls, if
+    any. Every file is written atomically. Return the paths of the markdown and the PNG.
     """
     out_dir = Path(out_dir)
     df = with_control(df, control_results)
+    pl = plateau_table(df, df.iloc[:0] if probe_df is None else probe_df, [*control_results, *probe_controls])
     pts = points(df, control_results)
     checks = check_targets(df)
     png = plot(pts, out_dir / "results.png")
     md = out_dir / "results.md"
     with atomic_path(md) as tmp:
-        tmp.write_text(render(df, pts, checks, control_results, ctx))
+        tmp.write_text(render(df, pts, checks, control_results, ctx, pl))
     with atomic_path(out_dir / "study" / "experiments.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out_dir / "study" / "plateau.csv") as tmp:
+        pl.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_dir / "study" / "points.json") as tmp:
         tmp.write_text(pts.to_json(orient="records", indent=2) + "\n")
     return md, png
 
 
-def read_controls(out_dir: str | Path = OUT_DIR) -> list[dict]:
-    """Return the control results written by ``run_control``, in ``controls()`` order."""
+def read_controls(out_dir: str | Path = OUT_DIR, probe: bool = False) -> list[dict]:
+    """Return the control results written by ``run_control``, in ``controls(probe)`` order."""
     found = []
-    for c in controls():
+    for c in controls(probe):
         path = Path(out_dir) / "study" / f"{c.name}.json"
         if path.is_file():
             found.append(json.loads(path.read_text()))
@@ -1342,7 +1445,9 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
                                    f"{timing['timed_at']} ({timing['settings']['rounds']} rounds of "
                                    f"{timing['settings']['iters']} calls each, {threads} threads; "
                                    "`docs/study/latency.json`), on:"))
-    md, png = write_report(df, control_latency(read_controls(out_dir), df), ctx, out_dir)
+    probe_df = collect(records, plateau_probe())
+    md, png = write_report(df, control_latency(read_controls(out_dir), df), ctx, out_dir, probe_df,
+                           read_controls(out_dir, probe=True))
     LOGGER.info("wrote %s and %s (%d experiments)", md, png, len(df))
     return md, png
 
@@ -1412,12 +1517,13 @@ def run_control(control: Control, repo: str | Path = ".", out_dir: str | Path = 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
 
-def _plan(experiments: Sequence[Experiment]) -> str:
+def _plan(experiments: Sequence[Experiment], probe: bool = False) -> str:
     profile = ", ".join(f"{k}={yaml_value(v)}" for k, v in PROFILE.items())
     lines = [f"{len(experiments)} experiments (profile: {profile}):"]
     width = max(len(e.name) for e in experiments)
     lines += [f"  {e.name:<{width}}  {e.purpose}" for e in experiments]
-    lines += ["", "controls: " + ", ".join(f"{c.name} (baseline of {c.source})" for c in controls()), "", "commands:"]
+    lines += ["", "controls: " + ", ".join(f"{c.name} (baseline of {c.source})" for c in controls(probe)), "",
+              "commands:"]
     lines += [f"  dvc {' '.join(e.command())}" for e in experiments]
     return "\n".join(lines)
 
@@ -1427,6 +1533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m yoloprune.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="the pipeline's params file (default: params.yaml)")
     parser.add_argument("--out", default=str(OUT_DIR), help="where the report goes (default: docs)")
+    parser.add_argument("--plateau", action="store_true",
+                        help=f"plan, queue, run and control the plateau probe ({PLATEAU_EPOCHS}-epoch baselines) "
+                             "instead of the sweep; the report shows both")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="print the experiments and the commands that queue them")
     sub.add_parser("queue", help="queue the experiments not yet queued, running or done")
@@ -1437,9 +1546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        experiments = study_sweep(args.params)
+        experiments = study_sweep(args.params, probe=args.plateau and args.command != "report")
         if args.command == "plan":
-            print(_plan(experiments))
+            print(_plan(experiments, args.plateau))
             _warn_if_uncached(".")
         elif args.command == "queue":
             queue(experiments)
@@ -1448,7 +1557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if failed:
                 LOGGER.warning("%d experiment(s) failed: %s", len(failed), ", ".join(failed))
         elif args.command == "control":
-            for c in controls():
+            for c in controls(args.plateau):
                 run_control(c, out_dir=args.out)
         else:
             report(experiments, out_dir=args.out)
