@@ -379,23 +379,29 @@ def test_report_reads_the_plateau_probe(tmp_path):
     probe = pd.DataFrame([
         {**_row("v8n-lamp-2x-e120", map_ft=0.83, map_base=0.84, md5="e" * 32), "base_epochs": 80},
         {**_row("11n-lamp-2x-e120", model=study.V11N, map_ft=0.80, map_base=0.82, md5="f" * 32), "base_epochs": 80},
+        {**_row("26n-lamp-2x-e120", model=study.V26N, map_ft=0.70, map_base=0.72, md5="9" * 32), "base_epochs": 80},
     ])
     probe_controls = [
         {"name": "v8n-control-e120", "source": "v8n-lamp-2x-e120", "family": "v8n", "baseline_map50_95": 0.84,
          "map50_95": 0.842, "latency_ms": 10.0, "epochs": 5, "baseline_md5": "e" * 32},
         {"name": "11n-control-e120", "source": "11n-lamp-2x-e120", "family": "11n", "baseline_map50_95": 0.70,
          "map50_95": 0.75, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "0" * 32},  # another baseline's
+        {"name": "26n-control-e120", "source": "26n-lamp-2x-e120", "family": "26n", "baseline_map50_95": 0.72,
+         "map50_95": 0.69, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "9" * 32},  # lower: no gain either
     ]
     md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path, probe, probe_controls)
     text = md.read_text()
     assert ("v8n: baseline 0.800 -> 0.840 (+0.040) from 40 to 80 epochs; then +0.002 from 5 more epochs (a plateau) "
             "(against +0.005 at 40); 2× retention 98.0 % -> 98.8 %, against the control 97.4 % -> 98.6 %") in text
     assert "11n: baseline 0.790 -> 0.820 (+0.030) from 40 to 80 epochs; then its control not run yet;" in text
-    assert "1 of 1 controls gained less than 0.01 mAP50-95" in text
+    assert ("26n: baseline 0.720 after 80 epochs, -0.030 from 5 more epochs (a plateau); 2× retention 97.2 %."
+            in text)  # no 60-epoch row to compare with
+    assert "2 of 2 controls gained less than 0.01 mAP50-95" in text
     assert "| v8n-lamp-2x-e120 | 80 | 0.840 | 0.842 | +0.002 | 0.830 | 98.8 % | 98.6 % |" in text
     table = pd.read_csv(tmp_path / "study" / "plateau.csv")
-    assert list(table["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-e120", "11n-lamp-2x", "11n-lamp-2x-e120"]
-    assert table["ctrl_gain"].round(3).tolist()[:2] == [0.005, 0.002] and table["ctrl_gain"].isna().tolist()[2:] == [
+    assert list(table["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-e120", "11n-lamp-2x", "11n-lamp-2x-e120",
+                                         "26n-lamp-2x-e120"]
+    assert table["ctrl_gain"].round(3).tolist()[:2] == [0.005, 0.002] and table["ctrl_gain"].isna().tolist()[2:4] == [
         True, True]
     # Without the probe, the section says what is missing.
     md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path / "none")

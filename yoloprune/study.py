@@ -1073,8 +1073,7 @@ def plateau_table(df: pd.DataFrame, probe_df: pd.DataFrame, control_results: Seq
                          "map_ft": r.map_ft, "retention": r.retention, "retention_ctrl": 100 * r.map_ft / ctrl,
                          "achieved": r.achieved})
     return pd.DataFrame(rows, columns=["family", "experiment", "base_epochs", "map_base", "ctrl_epochs", "map_ctrl",
-                                       "ctrl_gain",
-                                       "map_ft", "retention", "retention_ctrl", "achieved"])
+                                       "ctrl_gain", "map_ft", "retention", "retention_ctrl", "achieved"])
 
 
 def _plateau(pl: pd.DataFrame) -> str:
@@ -1088,9 +1087,9 @@ def _plateau(pl: pd.DataFrame) -> str:
         s = next(short.itertuples(), None)
         gain = ("its control not run yet" if math.isnan(r.ctrl_gain) else
                 f"{r.ctrl_gain:+.3f} from {r.ctrl_epochs:.0f} more epochs "
-                f"({'a plateau' if abs(r.ctrl_gain) < PLATEAU_TOL else 'still gaining'})")
+                f"({'a plateau' if r.ctrl_gain < PLATEAU_TOL else 'still gaining'})")  # a loss: a plateau too
         if not math.isnan(r.ctrl_gain):
-            flat.append(abs(r.ctrl_gain) < PLATEAU_TOL)
+            flat.append(r.ctrl_gain < PLATEAU_TOL)
         if s is None:
             parts.append(f"{r.family}: baseline {r.map_base:.3f} after {r.base_epochs:.0f} epochs, {gain}; 2× "
                          f"retention {r.retention:.1f} %")
