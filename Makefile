@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-all review study study-plateau clean
+.PHONY: setup run demo test test-all review study study-probe clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,12 +46,12 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study control
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
-# The plateau probe (the report's "Plateau probe"): each generation's 2x experiment again with its baseline trained
-# twice as long, and an equal-budget control on it; then the report again. Not part of `make study`; resumable alike.
-study-plateau: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --plateau queue
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --plateau run
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --plateau control
+# The budget probe (the report's "Baseline budget"): each generation's 2x experiment again with its baseline trained
+# half as long, and an equal-budget control on it; then the report again. Not part of `make study`; resumable alike.
+study-probe: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe queue
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe run
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe control
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
 clean:

@@ -137,23 +137,23 @@ def test_replicate_adds_the_seed_as_dvc_does(experiments, params):
     assert not study._matches(params, replicate.settings({}))
 
 
-def test_plateau_probe_is_each_generations_2x_with_a_longer_baseline(experiments, params):
-    probe = study.plateau_probe()
+def test_budget_probe_is_each_generations_2x_with_a_shorter_baseline(experiments, params):
+    probe = study.budget_probe()
     by_name = {e.name: e for e in experiments}
-    assert [e.name for e in probe] == ["v8n-lamp-2x-e120", "11n-lamp-2x-e120", "26n-lamp-2x-e120"]
-    assert study.PLATEAU_EPOCHS > study.PROFILE["baseline.epochs"]
+    assert [e.name for e in probe] == ["v8n-lamp-2x-e60", "11n-lamp-2x-e60", "26n-lamp-2x-e60"]
+    assert study.PROBE_EPOCHS < study.PROFILE["baseline.epochs"]
     for e in probe:
-        twin = by_name[e.name.removesuffix(study.PLATEAU_SUFFIX)]
+        twin = by_name[e.name.removesuffix(study.PROBE_SUFFIX)]
         assert {k: v for k, v in e.overrides.items() if k != "baseline.epochs"} == twin.overrides
         settings = e.settings()  # the probe's own epochs win over the profile's, in the profile's place
-        assert next(iter(settings)) == "baseline.epochs" and settings["baseline.epochs"] == study.PLATEAU_EPOCHS
+        assert next(iter(settings)) == "baseline.epochs" and settings["baseline.epochs"] == study.PROBE_EPOCHS
         sets = [a for i, a in enumerate(e.command()) if e.command()[i - 1] == "-S"]
-        assert [a for a in sets if a.startswith("baseline.epochs=")] == ["baseline.epochs=120"]
+        assert [a for a in sets if a.startswith("baseline.epochs=")] == ["baseline.epochs=60"]
         checked = study.check_params(study.apply_overrides(params, e.overrides), e.name)
-        assert checked["baseline"]["epochs"] == 120 and checked["speed_up"] == 2.0
+        assert checked["baseline"]["epochs"] == 60 and checked["speed_up"] == 2.0
     assert [(c.name, c.source) for c in study.controls(probe=True)] == [
-        ("v8n-control-e120", "v8n-lamp-2x-e120"), ("11n-control-e120", "11n-lamp-2x-e120"),
-        ("26n-control-e120", "26n-lamp-2x-e120")]
+        ("v8n-control-e60", "v8n-lamp-2x-e60"), ("11n-control-e60", "11n-lamp-2x-e60"),
+        ("26n-control-e60", "26n-lamp-2x-e60")]
     assert not {c.name for c in study.controls(probe=True)} & {c.name for c in study.controls()}
     assert not {e.dvc_name for e in probe} & {e.dvc_name for e in experiments}  # not part of `make study`
 
@@ -255,6 +255,11 @@ def test_collect_and_missing(experiments, records):
     assert row["lat_speed_up"] == pytest.approx(row["lat_base"] / row["lat_ft"])
     assert row["retention"] == pytest.approx(100 * row["map_ft"] / row["map_base"])
     assert row["macs_base"] / row["macs_ft"] == pytest.approx(row["achieved"], rel=1e-6)
+    # A result run with other settings than the sweep's now (a longer baseline) does not count; others' pass.
+    assert study.matching(records, experiments, FIXTURE_PROFILE) == records
+    longer = study.matching(records, experiments, {**FIXTURE_PROFILE, "baseline.epochs": 80})
+    assert {r.name for r in records} - {r.name for r in longer} == {"study-v8n-lamp-2x", "study-v8n-lamp-3x"}
+    assert study.collect(longer, experiments).empty
     gone = study.missing(records, experiments)
     assert gone["11n-lamp-2x"] == "running" and gone["26n-lamp-2x"] == "queued"
     assert gone["v8n-bn_scale-2x"] == "failed" and gone["v8n-l1-2x"] == "not queued"
@@ -374,38 +379,40 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
 
 
-def test_report_reads_the_plateau_probe(tmp_path):
-    df, controls = _table()
+def test_report_reads_the_budget_probe(tmp_path):
+    df, controls = _table()  # the sweep's rows: 40-epoch baselines; v8n-control gains +0.005
     probe = pd.DataFrame([
-        {**_row("v8n-lamp-2x-e120", map_ft=0.83, map_base=0.84, md5="e" * 32), "base_epochs": 80},
-        {**_row("11n-lamp-2x-e120", model=study.V11N, map_ft=0.80, map_base=0.82, md5="f" * 32), "base_epochs": 80},
-        {**_row("26n-lamp-2x-e120", model=study.V26N, map_ft=0.70, map_base=0.72, md5="9" * 32), "base_epochs": 80},
+        {**_row("v8n-lamp-2x-e60", map_ft=0.77, map_base=0.70, md5="e" * 32), "base_epochs": 20},
+        {**_row("11n-lamp-2x-e60", model=study.V11N, map_ft=0.72, map_base=0.70, md5="f" * 32), "base_epochs": 20},
+        {**_row("26n-lamp-2x-e60", model=study.V26N, map_ft=0.70, map_base=0.72, md5="9" * 32), "base_epochs": 20},
     ])
     probe_controls = [
-        {"name": "v8n-control-e120", "source": "v8n-lamp-2x-e120", "family": "v8n", "baseline_map50_95": 0.84,
-         "map50_95": 0.842, "latency_ms": 10.0, "epochs": 5, "baseline_md5": "e" * 32},
-        {"name": "11n-control-e120", "source": "11n-lamp-2x-e120", "family": "11n", "baseline_map50_95": 0.70,
-         "map50_95": 0.75, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "0" * 32},  # another baseline's
-        {"name": "26n-control-e120", "source": "26n-lamp-2x-e120", "family": "26n", "baseline_map50_95": 0.72,
+        {"name": "v8n-control-e60", "source": "v8n-lamp-2x-e60", "family": "v8n", "baseline_map50_95": 0.70,
+         "map50_95": 0.75, "latency_ms": 10.0, "epochs": 5, "baseline_md5": "e" * 32},
+        {"name": "11n-control-e60", "source": "11n-lamp-2x-e60", "family": "11n", "baseline_map50_95": 0.60,
+         "map50_95": 0.65, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "0" * 32},  # another baseline's
+        {"name": "26n-control-e60", "source": "26n-lamp-2x-e60", "family": "26n", "baseline_map50_95": 0.72,
          "map50_95": 0.69, "latency_ms": 12.0, "epochs": 5, "baseline_md5": "9" * 32},  # lower: no gain either
     ]
     md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path, probe, probe_controls)
     text = md.read_text()
-    assert ("v8n: baseline 0.800 -> 0.840 (+0.040) from 40 to 80 epochs; then +0.002 from 5 more epochs (a plateau) "
-            "(against +0.005 at 40); 2× retention 98.0 % -> 98.8 %, against the control 97.4 % -> 98.6 %") in text
-    assert "11n: baseline 0.790 -> 0.820 (+0.030) from 40 to 80 epochs; then its control not run yet;" in text
-    assert ("26n: baseline 0.720 after 80 epochs, -0.030 from 5 more epochs (a plateau); 2× retention 97.2 %."
-            in text)  # no 60-epoch row to compare with
-    assert "2 of 2 controls gained less than 0.01 mAP50-95" in text
-    assert "| v8n-lamp-2x-e120 | 80 | 0.840 | 0.842 | +0.002 | 0.830 | 98.8 % | 98.6 % |" in text
-    table = pd.read_csv(tmp_path / "study" / "plateau.csv")
-    assert list(table["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-e120", "11n-lamp-2x", "11n-lamp-2x-e120",
-                                         "26n-lamp-2x-e120"]
-    assert table["ctrl_gain"].round(3).tolist()[:2] == [0.005, 0.002] and table["ctrl_gain"].isna().tolist()[2:4] == [
+    assert ("v8n: baseline 0.700 -> 0.800 (+0.100) from 20 to 40 epochs; then +0.050 from 5 more epochs (still "
+            "gaining) at 20, +0.005 from 5 more epochs (a plateau) at 40; 2× retention 110.0 % -> 98.0 %, against the "
+            "control 102.7 % -> 97.4 %") in text  # the short baseline flatters retention
+    assert ("11n: baseline 0.700 -> 0.790 (+0.090) from 20 to 40 epochs; then its control not run yet at 20, its "
+            "control not run yet at 40; 2× retention 102.9 % -> 94.9 %;") in text
+    assert ("26n: baseline 0.720 after 20 epochs, then -0.030 from 5 more epochs (a plateau); 2× retention 97.2 %."
+            in text)  # no sweep row to compare with
+    assert "With the study's 120-epoch baselines, 1 of 1 controls gained less than 0.01 mAP50-95" in text
+    assert "| v8n-lamp-2x-e60 | 20 | 0.700 | 0.750 | +0.050 | 0.770 | 110.0 % | 102.7 % |" in text
+    table = pd.read_csv(tmp_path / "study" / "budget.csv")
+    assert list(table["experiment"]) == ["v8n-lamp-2x-e60", "v8n-lamp-2x", "11n-lamp-2x-e60", "11n-lamp-2x",
+                                         "26n-lamp-2x-e60"]
+    assert table["ctrl_gain"].round(3).tolist()[:2] == [0.05, 0.005] and table["ctrl_gain"].isna().tolist()[2:4] == [
         True, True]
     # Without the probe, the section says what is missing.
     md, _ = study.write_report(df, controls, study.Context(commit="abc"), tmp_path / "none")
-    assert "Not measured yet (v8n-lamp-2x-e120, 11n-lamp-2x-e120, 26n-lamp-2x-e120 unfinished)." in md.read_text()
+    assert "Not measured yet (v8n-lamp-2x-e60, 11n-lamp-2x-e60, 26n-lamp-2x-e60 unfinished)." in md.read_text()
 
 
 def test_report_without_results(tmp_path, experiments, records):
