@@ -237,11 +237,14 @@ def test_plan_queue_resumes(experiments, records):
     assert "v8n-lamp-2x" not in queued and "v8n-lamp-3x" not in queued  # done with these params
     assert "11n-lamp-2x" not in queued and "26n-lamp-2x" not in queued  # running, queued
     assert "v8n-bn_scale-2x" in queued and plan.remove == [next(r.task_id for r in records if r.state == "failed")]
-    assert len(queued) == len(experiments) - 4 and plan.force == set()
+    assert len(queued) == len(experiments) - 4 and plan.stale == []
     assert queued == [e.name for e in experiments if e.name in queued]  # sweep order kept
-    # Run with other params than the sweep's now: queued again, replacing the old result.
+    # Run with other params than the sweep's now: queued again, the old result to be removed.
     changed = study.plan_queue(experiments, records, profile={**FIXTURE_PROFILE, "baseline.epochs": 80})
-    assert {"v8n-lamp-2x", "v8n-lamp-3x"} <= changed.force
+    finished = {r.name.removeprefix(study.PREFIX): r.rev for r in records if r.finished and r.name in
+                {e.dvc_name for e in experiments}}
+    assert set(finished) == {"v8n-lamp-2x", "v8n-lamp-3x"} and sorted(changed.stale) == sorted(finished.values())
+    assert set(finished) <= {e.name for e in changed.to_queue}
     # A name the queue holds for another commit is not queued twice.
     other = study.plan_queue(experiments, records, pending={"study-v8n-l1-2x"}, profile=FIXTURE_PROFILE)
     assert "v8n-l1-2x" not in [e.name for e in other.to_queue]
@@ -561,6 +564,23 @@ def test_wait_does_not_wait_for_a_dead_task(monkeypatch, experiments):
     assert calls == [("queue", "start", "-j", "1")]  # one worker: the dead task does not count as running
     with pytest.raises(StopIteration):
         next(polls)  # returned on the second poll, when only the dead task was left "Running"
+
+
+def test_queue_replaces_a_stale_result_without_forcing_a_rerun(monkeypatch, experiments, records):
+    # `dvc exp run --force` would re-run every stage past the run cache (each baseline trained again): the stale
+    # result is removed first, and the experiment queued plainly.
+    calls = []
+    monkeypatch.setattr(study, "experiments_in", lambda repo=".": records)
+    monkeypatch.setattr(study, "current", lambda recs, repo=".": list(recs))
+    monkeypatch.setattr(study, "dead_tasks", lambda ids, repo=".": set())
+    monkeypatch.setattr(study, "dvc", lambda *argv, **kw: calls.append(argv))
+    monkeypatch.setattr(study, "PROFILE", {**FIXTURE_PROFILE, "baseline.epochs": 80})
+    plan = study.queue(experiments)
+    removed = [c for c in calls if c[:2] == ("exp", "remove")]
+    assert len(removed) == 1 and sorted(removed[0][2:]) == sorted(plan.stale) and len(plan.stale) == 2
+    runs = [c for c in calls if c[:2] == ("exp", "run")]
+    assert len(runs) == len(plan.to_queue) and not any("--force" in c or "-f" in c for c in runs)
+    assert calls.index(removed[0]) < calls.index(runs[0])
 
 
 def test_report_names_every_commit_the_experiments_ran_from():

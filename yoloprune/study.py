@@ -507,10 +507,10 @@ def matching(records: Iterable[ExpRecord], experiments: Sequence[Experiment],
 
 @dataclass(frozen=True)
 class QueuePlan:
-    """What ``queue`` does: experiments to queue (some with ``--force``), failed tasks to remove, ones to leave."""
+    """What ``queue`` does: experiments to queue, stale results and failed tasks to remove, ones to leave."""
 
     to_queue: list[Experiment]
-    force: set[str]  # names whose finished result has other params than the sweep's: queued with -f to replace it
+    stale: list[str]  # revs of finished runs with other params than the sweep's now: removed, then queued again
     remove: list[str]  # task ids of failed runs, removed from the queue before their experiment is queued again
     skipped: list[str]
 
@@ -526,7 +526,7 @@ def plan_queue(experiments: Sequence[Experiment], records: Iterable[ExpRecord], 
     for r in records:
         by_name.setdefault(r.name, []).append(r)
     pending = set(pending)
-    plan = QueuePlan([], set(), [], [])
+    plan = QueuePlan([], [], [], [])
     for e in experiments:
         recs = by_name.get(e.dvc_name, [])
         if e.dvc_name in pending or any(r.pending for r in recs):
@@ -536,8 +536,7 @@ def plan_queue(experiments: Sequence[Experiment], records: Iterable[ExpRecord], 
         if done and all(_matches(r.params, e.settings(profile)) for r in done):
             plan.skipped.append(e.name)
             continue
-        if done:
-            plan.force.add(e.name)
+        plan.stale.extend(r.rev for r in done)
         plan.remove.extend(r.task_id for r in recs if r.state == FAILED and r.task_id)
         plan.to_queue.append(e)
     return plan
@@ -566,13 +565,12 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     plan = plan_queue(experiments, now, {r.name for r in now if r.pending})
     for task in plan.remove:
         dvc("queue", "remove", task, repo=repo)
+    if plan.stale:  # not `exp run --force`: that re-runs every stage, past DVC's run cache
+        LOGGER.warning("removing %d result(s) run with other params than the sweep's now; queued again",
+                       len(plan.stale))
+        dvc("exp", "remove", *plan.stale, repo=repo)
     for e in plan.to_queue:
-        argv = e.command()
-        if e.name in plan.force:
-            LOGGER.warning("%s: its result was run with other params than the sweep's; queued again to replace it",
-                           e.dvc_name)
-            argv.insert(3, "--force")
-        dvc(*argv, repo=repo)
+        dvc(*e.command(), repo=repo)
         LOGGER.info("queued %s", e.dvc_name)
     LOGGER.info("%d queued, %d already queued, running or done", len(plan.to_queue), len(plan.skipped))
     return plan
