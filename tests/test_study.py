@@ -575,12 +575,21 @@ def test_queue_replaces_a_stale_result_without_forcing_a_rerun(monkeypatch, expe
     monkeypatch.setattr(study, "dead_tasks", lambda ids, repo=".": set())
     monkeypatch.setattr(study, "dvc", lambda *argv, **kw: calls.append(argv))
     monkeypatch.setattr(study, "PROFILE", {**FIXTURE_PROFILE, "baseline.epochs": 80})
+    stale = {r.name: r for r in records if r.finished and r.name in {e.dvc_name for e in experiments}}
+    assert len(stale) == 2
+    head = stale["study-v8n-lamp-2x"].baseline
+    monkeypatch.setattr(study, "head_commit", lambda repo=".": head)
     plan = study.queue(experiments)
-    removed = [c for c in calls if c[:2] == ("exp", "remove")]
-    assert len(removed) == 1 and sorted(removed[0][2:]) == sorted(plan.stale) and len(plan.stale) == 2
+    assert sorted(plan.stale) == sorted(r.rev for r in stale.values())
+    removed = [c for c in calls if c[:2] == ("exp", "remove")]  # by name, those whose baseline is HEAD
+    assert removed == [("exp", "remove", *sorted(n for n, r in stale.items() if r.baseline == head))]
     runs = [c for c in calls if c[:2] == ("exp", "run")]
     assert len(runs) == len(plan.to_queue) and not any("--force" in c or "-f" in c for c in runs)
     assert calls.index(removed[0]) < calls.index(runs[0])
+    calls.clear()  # a stale result on an older commit is not removed (DVC resolves names on HEAD only)
+    monkeypatch.setattr(study, "head_commit", lambda repo=".": "f" * 40)
+    study.queue(experiments)
+    assert not [c for c in calls if c[:2] == ("exp", "remove")]
 
 
 def test_report_names_every_commit_the_experiments_ran_from():

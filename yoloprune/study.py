@@ -510,7 +510,7 @@ class QueuePlan:
     """What ``queue`` does: experiments to queue, stale results and failed tasks to remove, ones to leave."""
 
     to_queue: list[Experiment]
-    stale: list[str]  # revs of finished runs with other params than the sweep's now: removed, then queued again
+    stale: list[str]  # revs of finished runs with other params than the sweep's now: queued again (see ``queue``)
     remove: list[str]  # task ids of failed runs, removed from the queue before their experiment is queued again
     skipped: list[str]
 
@@ -565,15 +565,25 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     plan = plan_queue(experiments, now, {r.name for r in now if r.pending})
     for task in plan.remove:
         dvc("queue", "remove", task, repo=repo)
-    if plan.stale:  # not `exp run --force`: that re-runs every stage, past DVC's run cache
-        LOGGER.warning("removing %d result(s) run with other params than the sweep's now; queued again",
-                       len(plan.stale))
-        dvc("exp", "remove", *plan.stale, repo=repo)
+    # Not `exp run --force`, which re-runs every stage past DVC's run cache: a stale result on HEAD (whose name
+    # the new run takes) is removed first; one on an older commit stays, and ``matching`` leaves it out.
+    stale, head = set(plan.stale), head_commit(repo)
+    on_head = sorted({r.name for r in now if r.rev in stale and r.baseline == head})
+    if stale:
+        LOGGER.warning("%d result(s) were run with other params than the sweep's now: queued again", len(stale))
+    if on_head:
+        dvc("exp", "remove", *on_head, repo=repo)
     for e in plan.to_queue:
         dvc(*e.command(), repo=repo)
         LOGGER.info("queued %s", e.dvc_name)
     LOGGER.info("%d queued, %d already queued, running or done", len(plan.to_queue), len(plan.skipped))
     return plan
+
+
+def head_commit(repo: str | Path = ".") -> str:
+    """Return the full hash of the repository's HEAD commit ("" outside git)."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
+    return out.stdout.strip()
 
 
 def _warn_if_dirty(repo: str | Path) -> None:
@@ -1416,10 +1426,9 @@ def read_controls(out_dir: str | Path = OUT_DIR, probe: bool = False) -> list[di
 
 def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], repo: str | Path = ".") -> Context:
     """Return the report's provenance: commit, commands, the benchmark's machine and versions, what is missing."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
     names = {e.dvc_name for e in experiments}
     commits = sorted({r.baseline[:12] for r in records if r.finished and r.name in names and r.baseline})
-    commit = ", ".join(commits) or head.stdout.strip()[:12] or "unknown"
+    commit = ", ".join(commits) or head_commit(repo)[:12] or "unknown"
     commands = [f"dvc {' '.join(e.command())}" for e in experiments]
     commands += ["dvc queue start -j 1   # one worker: experiments would share 2 CPU cores badly",
                  "python -m yoloprune.study control   # the equal-budget controls (docs/study/*-control.json)",
