@@ -46,8 +46,9 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study control
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
-# The budget probe (the report's "Baseline budget"): each generation's 2x experiment again with its baseline trained
-# half as long, and an equal-budget control on it; then the report again. Not part of `make study`; resumable alike.
+# The probes, checks on the study itself: each generation's 2x experiment again with its baseline trained half as long
+# and a control on it (the report's "Baseline budget"), and the seed replicate ("Run-to-run spread"); then the report.
+# Not part of `make study` (their baselines cost as much as the sweep's); resumable alike.
 study-probe: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe queue
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe run

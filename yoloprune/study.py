@@ -158,10 +158,24 @@ def sweep(frontier_speed_up: float) -> list[Experiment]:
     big, small = FRONTIER
     experiments.append(Experiment(FRONTIER_NAME, f"family frontier: {family(big)} pruned to {family(small)}'s MACs",
                                   {"model": big, "speed_up": frontier_speed_up, "method": DEFAULT_METHOD}))
-    seeds = {f"{ADD}{stage}.args.seed": REPLICATE_SEED for stage in ("baseline", "finetune")}
-    experiments.append(Experiment(REPLICATE_NAME, f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the "
-                                  "baseline's training and the fine-tune", {**experiments[0].overrides, **seeds}))
     return experiments
+
+
+def replicate() -> Experiment:
+    """Return the seed replicate: the default experiment again, another seed for the baseline and the fine-tune.
+
+    It says how far a result moves by chance alone. It is a probe (``make study-probe``),
+    not part of the sweep: its own baseline costs as much training as a generation's.
+    """
+    seeds = {f"{ADD}{stage}.args.seed": REPLICATE_SEED for stage in ("baseline", "finetune")}
+    default = {"model": V8N, "speed_up": 2.0, "method": DEFAULT_METHOD}
+    return Experiment(REPLICATE_NAME, f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the "
+                      "baseline's training and the fine-tune", {**default, **seeds})
+
+
+def probes() -> list[Experiment]:
+    """Return the checks on the study itself, outside ``make study``: the budget probe and the seed replicate."""
+    return [*budget_probe(), replicate()]
 
 
 def budget_probe() -> list[Experiment]:
@@ -254,9 +268,9 @@ def family_speed_up(large: str, small: str, imgsz: int, nc: int) -> float:
 
 
 def study_sweep(params_path: str | Path = "params.yaml", probe: bool = False) -> list[Experiment]:
-    """Return the sweep (``probe``: the budget probe) for this repository's params.yaml, every experiment validated."""
+    """Return the sweep (``probe``: the probes) for this repository's params.yaml, every experiment validated."""
     params = study_params(params_path)
-    experiments = budget_probe() if probe else sweep(family_speed_up(*FRONTIER, params["imgsz"],
+    experiments = probes() if probe else sweep(family_speed_up(*FRONTIER, params["imgsz"],
                                                                       dataset_classes(params)))
     for e in experiments:
         check_params(apply_overrides(params, e.overrides), e.name)
@@ -1457,8 +1471,8 @@ def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], rep
 def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR
            ) -> tuple[Path, Path]:
     """Collect the finished experiments and controls and write the report; return the markdown and PNG paths."""
-    records = matching(current(experiments_in(repo), repo), [*experiments, *budget_probe()])
-    df = collect(records, experiments)
+    records = matching(current(experiments_in(repo), repo), [*experiments, *probes()])
+    df = collect(records, [*experiments, replicate()])  # the replicate's row, when there is one, with the sweep's
     ctx = context(records, experiments, repo)
     if len(df):
         threads = int(next((r.params.get("benchmark", {}).get("threads", 2) for r in records if r.finished), 2))
@@ -1560,8 +1574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="the pipeline's params file (default: params.yaml)")
     parser.add_argument("--out", default=str(OUT_DIR), help="where the report goes (default: docs)")
     parser.add_argument("--probe", action="store_true",
-                        help=f"plan, queue, run and control the budget probe ({PROBE_EPOCHS}-epoch baselines) "
-                             "instead of the sweep; the report shows both")
+                        help=f"plan, queue, run and control the probes ({PROBE_EPOCHS}-epoch baselines, the seed "
+                             "replicate) instead of the sweep; the report shows both")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="print the experiments and the commands that queue them")
     sub.add_parser("queue", help="queue the experiments not yet queued, running or done")
