@@ -10,6 +10,7 @@ by ``dvc queue start -j 1`` mid-way: one succeeded, one failed, one running, one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -246,6 +247,13 @@ def test_plan_queue_resumes(experiments, records):
                 {e.dvc_name for e in experiments}}
     assert set(finished) == {"v8n-lamp-2x", "v8n-lamp-3x"} and sorted(changed.stale) == sorted(finished.values())
     assert set(finished) <= {e.name for e in changed.to_queue}
+    # An older run of a name with other params (an earlier PROFILE) beside a current one: done, nothing stale.
+    done = next(r for r in records if r.name == "study-v8n-lamp-3x")
+    older = dataclasses.replace(done, rev="f" * 40, params={**done.params, "baseline": {"epochs": 80}})
+    both = study.plan_queue(experiments, [*records, older], profile=FIXTURE_PROFILE)
+    assert "v8n-lamp-3x" not in [e.name for e in both.to_queue] and both.stale == []
+    alone = study.plan_queue(experiments, [r for r in records if r is not done] + [older], profile=FIXTURE_PROFILE)
+    assert "v8n-lamp-3x" in [e.name for e in alone.to_queue] and alone.stale == ["f" * 40]
     # A name the queue holds for another commit is not queued twice.
     other = study.plan_queue(experiments, records, pending={"study-v8n-l1-2x"}, profile=FIXTURE_PROFILE)
     assert "v8n-l1-2x" not in [e.name for e in other.to_queue]

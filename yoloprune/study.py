@@ -547,7 +547,9 @@ def plan_queue(experiments: Sequence[Experiment], records: Iterable[ExpRecord], 
             plan.skipped.append(e.name)
             continue
         done = [r for r in recs if r.finished]
-        if done and all(_matches(r.params, e.settings(profile)) for r in done):
+        # Done when one finished run has the sweep's params now: older runs of the name (another PROFILE, kept
+        # on their commits) do not make a current result stale; ``matching`` leaves them out of the report.
+        if any(_matches(r.params, e.settings(profile)) for r in done):
             plan.skipped.append(e.name)
             continue
         plan.stale.extend(r.rev for r in done)
