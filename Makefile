@@ -47,8 +47,9 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
 # The probes, checks on the study itself: each generation's 2x experiment again with its baseline trained half as long
-# and a control on it (the report's "Baseline budget"), and the seed replicate ("Run-to-run spread"); then the report.
-# Not part of `make study` (their baselines cost as much as the sweep's); resumable alike.
+# and a control on it (the report's "Baseline budget"), the seed replicate ("Run-to-run spread") and the 3x remedy for
+# yolo11n and yolo26n ("Remedy tried"); then the report. Not part of `make study`, which has to fit in 180 minutes on
+# a 2-core CPU (their baselines cost as much as the sweep's); resumable alike.
 study-probe: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe queue
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe run

@@ -61,7 +61,8 @@ def records() -> list[study.ExpRecord]:
 
 def test_sweep_names_are_unique_valid_refs(experiments):
     names = [e.dvc_name for e in experiments]
-    assert len(names) == len(set(names)) == 19
+    assert len(names) == len(set(names)) == 17
+    assert not set(names) & {e.dvc_name for e in study.probes()}  # a probe's name never shadows a sweep row
     for name in names:  # git ref rules DVC enforces: no spaces, "..", "~^:?*[\\", no trailing "." or ".lock"
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name and not name.endswith(".")
 
@@ -96,8 +97,12 @@ def test_sweep_covers_issue_9(experiments, params):
     assert experiments[0].name == study.DEFAULT and experiments[0].overrides == {
         "model": params["model"], "speed_up": params["speed_up"], "method": params["method"]}  # the default row
     assert {c.source for c in study.controls()} <= {e.name for e in experiments}
-    assert where(**{"finetune.epochs": study.LONG_EPOCHS, "speed_up": 3.0}) == {  # the remedy, every generation
-        "v8n-lamp-3x-ft20", "11n-lamp-3x-ft20", "26n-lamp-3x-ft20"}
+    assert where(**{"finetune.epochs": study.LONG_EPOCHS, "speed_up": 3.0}) == {"v8n-lamp-3x-ft20"}  # the remedy
+    # The remedy for the other generations is a probe: the same overrides as the sweep's row, another model.
+    remedy = next(e for e in experiments if e.name == "v8n-lamp-3x-ft20").overrides
+    others = study.generation_remedies()
+    assert [e.name for e in others] == ["11n-lamp-3x-ft20", "26n-lamp-3x-ft20"] and all(e in study.probes() for e in others)
+    assert [e.overrides for e in others] == [{**remedy, "model": m} for m in (study.V11N, study.V26N)]
 
 
 def _default(params: dict, key: str):
