@@ -384,6 +384,7 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "moved retention: v8n 91.2 % -> 95.0 % (+3.8 pt, 5 -> 20 epochs)." in text
     assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
     assert "the method is lamp" in text and "round_to is 16" in text
+    assert "fewest fine-tune epochs keeping ≥ 97 % at 2×\" the fine-tune is 5 epochs" in text  # 3: 93.8 %
     assert "the highest latency speed-up at 3× was v8n-lamp-3x's 2.38×" in text  # 10 / 4.2; ft20 ties, first wins
     assert "the highest retention at 2× was v8n-lamp-2x-r1's 98.2 %" in text
     # v8n-lamp-2x and -ft3 prune to the same widths (5.6 and 5.7 ms); -3x and -3x-ft20 too (4.2 ms both)

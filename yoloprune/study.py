@@ -1197,8 +1197,12 @@ def _recommendation(df: pd.DataFrame, checks: pd.DataFrame) -> str:
            and checks[checks["target"] == t.speed_up]["met"].all()]
     speed = (f"the largest speed-up whose targets every measured model met is {max(met):g}×" if met
              else "no speed-up met all its targets")
+    bar = next(t.min_retention_pct for t in TARGETS if t.speed_up == 2.0)
+    enough = [epochs for epochs, kept in _budget(df) if epochs > 0 and kept >= bar]
+    budget = (f"by \"fewest fine-tune epochs keeping ≥ {bar:g} % at 2×\" the fine-tune is {min(enough):g} epochs"
+              if enough else f"no fine-tune budget measured kept ≥ {bar:g} % at 2×")
     return (f"By the rule \"highest fine-tuned mAP50-95 at 2×\" the method is {method.method}; by \"fastest "
-            f"round_to within 0.01 mAP50-95 of the best\" round_to is {rnd.round_to:g}; {speed}.")
+            f"round_to within 0.01 mAP50-95 of the best\" round_to is {rnd.round_to:g}; {budget}; {speed}.")
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
