@@ -132,17 +132,22 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
+def exp(purpose: str, model: str = V8N, speed_up: float = 2.0, method: str = DEFAULT_METHOD, suffix: str = "",
+        **extra: Any) -> Experiment:
+    """Return the experiment pruning ``model`` to ``speed_up`` with ``method``, plus ``extra`` overrides.
+
+    ``extra``'s keys are params.yaml's dotted keys with ``__`` for the dots (``finetune__epochs=20``).
+    """
+    overrides = {"model": model, "speed_up": speed_up, "method": method}
+    overrides.update({k.replace("__", "."): v for k, v in extra.items()})
+    return Experiment(exp_name(model, method, speed_up, suffix), purpose, overrides)
+
+
 def sweep(frontier_speed_up: float) -> list[Experiment]:
     """Return the study's experiments, in the order they run (each model's first experiment trains its baseline).
 
     ``frontier_speed_up`` prunes FRONTIER[0] to FRONTIER[1]'s MACs (see ``family_speed_up``).
     """
-    def exp(purpose: str, model: str = V8N, speed_up: float = 2.0, method: str = DEFAULT_METHOD,
-            suffix: str = "", **extra: Any) -> Experiment:
-        overrides = {"model": model, "speed_up": speed_up, "method": method}
-        overrides.update({k.replace("__", "."): v for k, v in extra.items()})
-        return Experiment(exp_name(model, method, speed_up, suffix), purpose, overrides)
-
     experiments = [exp("default: the speed-up, method, round_to and fine-tune series share it; yolov8n from "
                        "scratch is its baseline")]
     experiments += [exp("speed-up", speed_up=s) for s in SPEED_UPS if s != 2.0]
@@ -166,9 +171,8 @@ def replicate() -> Experiment:
     not part of the sweep: its own baseline costs as much training as a generation's.
     """
     seeds = {f"{ADD}{stage}.args.seed": REPLICATE_SEED for stage in ("baseline", "finetune")}
-    default = {"model": V8N, "speed_up": 2.0, "method": DEFAULT_METHOD}
-    return Experiment(REPLICATE_NAME, f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the "
-                      "baseline's training and the fine-tune", {**default, **seeds})
+    return exp(f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the baseline's training and the "
+               "fine-tune", suffix=f"-seed{REPLICATE_SEED}", **seeds)
 
 
 def generation_remedies() -> list[Experiment]:
@@ -177,8 +181,7 @@ def generation_remedies() -> list[Experiment]:
     A probe (``make study-probe``), not part of the sweep: ``make study`` has to fit in
     180 minutes on the 2-core CPU, and one remedy row meets the issue's "try at least one".
     """
-    return [Experiment(exp_name(m, DEFAULT_METHOD, 3.0, REMEDY_SUFFIX), "remedy, every generation",
-                       {"model": m, "speed_up": 3.0, "method": DEFAULT_METHOD, "finetune.epochs": LONG_EPOCHS})
+    return [exp("remedy, every generation", model=m, speed_up=3.0, suffix=REMEDY_SUFFIX, finetune__epochs=LONG_EPOCHS)
             for m in GENERATIONS if m != V8N]
 
 
@@ -195,10 +198,8 @@ def budget_probe() -> list[Experiment]:
     plateau does to retention (it looks better than it is). Its controls are
     ``controls(probe=True)``. It is not part of ``make study`` (see README).
     """
-    return [Experiment(exp_name(m, DEFAULT_METHOD, 2.0, PROBE_SUFFIX),
-                       f"budget probe: {exp_name(m, DEFAULT_METHOD, 2.0)} with a {PROBE_EPOCHS}-epoch baseline",
-                       {"model": m, "speed_up": 2.0, "method": DEFAULT_METHOD, "baseline.epochs": PROBE_EPOCHS})
-            for m in GENERATIONS]
+    return [exp(f"budget probe: {exp_name(m, DEFAULT_METHOD, 2.0)} with a {PROBE_EPOCHS}-epoch baseline", model=m,
+                suffix=PROBE_SUFFIX, baseline__epochs=PROBE_EPOCHS) for m in GENERATIONS]
 
 
 def controls(probe: bool = False) -> list[Control]:
@@ -1592,7 +1593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR), help="where the report goes (default: docs)")
     parser.add_argument("--probe", action="store_true",
                         help=f"plan, queue, run and control the probes ({PROBE_EPOCHS}-epoch baselines, the seed "
-                             "replicate) instead of the sweep; the report shows both")
+                             "replicate, the 3x remedy for every generation) instead of the sweep; the report "
+                             "shows both")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="print the experiments and the commands that queue them")
     sub.add_parser("queue", help="queue the experiments not yet queued, running or done")
