@@ -1,11 +1,10 @@
 """Stage finetune: recover accuracy with the Ultralytics trainer on the pruned network itself."""
 
-import shutil
 from pathlib import Path
 
 from yoloprune.errors import exit_on_error
 from yoloprune.finetune import can_resume, finetune
-from yoloprune.io import atomic_path, load_model, save_model, write_json
+from yoloprune.io import load_model, save_model, write_json, write_text
 from yoloprune.params import data_yaml, load_params
 
 PRUNED, RUN = Path("models/pruned.pt"), Path("runs/finetune")
@@ -18,5 +17,4 @@ result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], o
                   resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})
 write_json({"epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95}, "metrics/finetune.json")
-with atomic_path("metrics/finetune_curves.csv") as tmp:  # the training curves, kept in git for `dvc plots`
-    shutil.copyfile(result.save_dir / "results.csv", tmp)
+write_text(result.curves.read_text(), "metrics/finetune_curves.csv")  # the training curves, kept in git for `dvc plots`

@@ -303,7 +303,7 @@ def test_pareto_front_with_ties():
 
 def _row(name: str, model: str = study.V8N, method: str = "lamp", target: float = 2.0, *, round_to: int = 8,
          ft: int = 5, map_ft: float = 0.78, lat_ft: float = 5.5, achieved: float | None = None,
-         map_base: float = 0.80, lat_base: float = 10.0, md5: str = "a" * 32) -> dict:
+         map_base: float = 0.80, lat_base: float = 10.0, md5: str = "a" * 32, tail: float = math.nan) -> dict:
     achieved = target * 1.005 if achieved is None else achieved
     return {"experiment": name, "rev": "0" * 40, "timestamp": "2026-01-01T00:00:00", "baseline_md5": md5,
             "model": model, "method": method, "target": target, "imgsz": 160, "round_to": round_to, "ft_epochs": ft,
@@ -311,7 +311,7 @@ def _row(name: str, model: str = study.V8N, method: str = "lamp", target: float 
             "retention": 100 * map_ft / map_base, "params_base": 3.0e6, "params_ft": 3.0e6 / target,
             "macs_base": 2.0e8, "macs_ft": 2.0e8 / achieved, "achieved": achieved, "lat_base": lat_base,
             "lat_ft": lat_ft, "lat_speed_up": lat_base / lat_ft, "parity": 2e-7, "ft_epochs_run": ft,
-            "base_epochs_run": 40, "family": study.family(model)}
+            "base_epochs_run": 40, "base_tail": tail, "family": study.family(model)}
 
 
 def test_check_targets():
@@ -335,15 +335,16 @@ def test_check_targets():
 
 def _table() -> tuple[pd.DataFrame, list[dict]]:
     rows = [
-        _row("v8n-lamp-2x", map_ft=0.784, lat_ft=5.6),
-        _row("v8n-lamp-1.5x", target=1.5, map_ft=0.795, lat_ft=7.2),
+        _row("v8n-lamp-2x", map_ft=0.784, lat_ft=5.6, tail=0.004),
+        _row("v8n-lamp-1.5x", target=1.5, map_ft=0.795, lat_ft=7.2, tail=0.004),
         _row("v8n-lamp-3x", target=3.0, map_ft=0.73, lat_ft=4.2),
         _row("v8n-l1-2x", method="l1", map_ft=0.77, lat_ft=5.5, achieved=2.004),
         _row("v8n-lamp-2x-r1", round_to=1, map_ft=0.786, lat_ft=6.4, achieved=2.006),
         _row("v8n-lamp-2x-r16", round_to=16, map_ft=0.781, lat_ft=5.3, achieved=2.012),
         _row("v8n-lamp-2x-ft3", ft=3, map_ft=0.75, lat_ft=5.7),
         _row("v8n-lamp-3x-ft20", target=3.0, ft=20, map_ft=0.76, lat_ft=4.2),
-        _row("11n-lamp-2x", model=study.V11N, map_ft=0.75, lat_ft=6.5, map_base=0.79, lat_base=12.0, md5="b" * 32),
+        _row("11n-lamp-2x", model=study.V11N, map_ft=0.75, lat_ft=6.5, map_base=0.79, lat_base=12.0, md5="b" * 32,
+             tail=0.021),
         _row("v8s-lamp-to-v8n", model=study.V8S, target=3.517, map_ft=0.83, lat_ft=11.0, map_base=0.86,
              lat_base=30.0, md5="c" * 32),
         _row("v8n-lamp-2x-seed1", map_ft=0.77, lat_ft=5.7, achieved=2.008, map_base=0.81, lat_base=10.2, md5="d" * 32),
@@ -383,6 +384,9 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "Retention at 2× by fine-tune epochs: 0: 25.0 %, 3: 93.8 %, 5: 98.0 %." in text
     assert "moved retention: v8n 91.2 % -> 95.0 % (+3.8 pt, 5 -> 20 epochs)." in text
     assert "0.800 -> 0.805 (+0.005: the baseline had plateaued)" in text
+    curves = re.search(r"\*\*Baseline curves\.\*\* (.*)", text).group(1)  # one entry per baseline with a curve
+    assert ("v8n (v8n-lamp-2x) +0.004 after 40 epochs; 11n (11n-lamp-2x) +0.021 after 40 epochs (still rising). "
+            "1 of 2 baselines rose less than 0.01") in curves
     assert "the method is lamp" in text and "round_to is 16" in text
     assert "fewest fine-tune epochs keeping ≥ 97 % at 2×\" the fine-tune is 5 epochs" in text  # 3: 93.8 %
     assert "the highest latency speed-up at 3× was v8n-lamp-3x's 2.38×" in text  # 10 / 4.2; ft20 ties, first wins

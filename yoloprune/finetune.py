@@ -40,7 +40,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -390,6 +390,12 @@ class FinetuneResult:
     save_dir: Path
     epochs: int  # epochs completed in the run folder, resumed runs included
     metrics: dict[str, float] = field(default_factory=dict)  # Ultralytics' names, e.g. "metrics/mAP50-95(B)"
+    curve: tuple[float, ...] = ()  # box mAP50-95 of each epoch's validation (empty for a task without boxes)
+
+    @property
+    def curves(self) -> Path:
+        """Return Ultralytics' per-epoch record of the run (losses, metrics, learning rates): its results.csv."""
+        return self.save_dir / "results.csv"
 
     @property
     def map50(self) -> float | None:
@@ -523,18 +529,39 @@ def _check_resumable(last: Path) -> None:
                              "another out_dir")
 
 
+MAP_COLUMN = "metrics/mAP50-95(B)"  # results.csv's column of box mAP50-95
+TAIL_WINDOW = 10  # epochs: tail_gain compares the mean of the last ones with the mean of as many before
+
+
+def tail_gain(curve: Sequence[float], window: int = TAIL_WINDOW) -> float | None:
+    """Return how far a training curve still rose at its end: the mean of its last ``window`` values minus the
+    mean of the ``window`` before them; None when it has fewer than ``2 * window`` values.
+
+    Near zero (within the epoch-to-epoch jitter of validation) says the run had reached
+    a plateau; a clear rise says more epochs would still have paid. Means, not single
+    epochs, so one lucky validation does not decide it.
+    """
+    if window < 1:
+        raise YoloPruneError(f"window must be a positive number of epochs, got {window!r}")
+    if len(curve) < 2 * window:
+        return None
+    last, before = curve[-window:], curve[-2 * window:-window]
+    return float(sum(last) / window - sum(before) / window)
+
+
 def _result(trainer) -> FinetuneResult:
     metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None
     if metrics is None and trainer.best.exists():  # DDP: the launching process trained nothing itself
         metrics = torch_load(trainer.best, map_location="cpu").get("train_metrics") or {}
-    epochs = 0
+    rows = []
     if trainer.csv.exists():
         with open(trainer.csv, newline="") as f:
-            epochs = sum(1 for _ in csv.DictReader(f))
+            rows = [{k.strip(): v for k, v in row.items() if k} for row in csv.DictReader(f)]
     return FinetuneResult(
         best=trainer.best,
         last=trainer.last,
         save_dir=Path(trainer.save_dir),
-        epochs=epochs,
+        epochs=len(rows),
         metrics={k: float(v) for k, v in (metrics or {}).items() if k.startswith("metrics/")},
+        curve=tuple(float(r[MAP_COLUMN]) for r in rows if r.get(MAP_COLUMN) not in (None, "")),
     )

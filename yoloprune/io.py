@@ -209,7 +209,12 @@ def _write_atomic(path: str | Path, data: bytes | memoryview) -> Path:
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as indented JSON, atomically; return the path."""
-    return _write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+    return write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
+    return _write_atomic(path, text.encode())
 
 
 def save_model(model: nn.Module, path: str | Path, record: dict[str, Any] | None = None) -> Path:

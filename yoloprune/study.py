@@ -43,6 +43,7 @@ import pandas as pd
 import yaml
 
 from yoloprune.errors import YoloPruneError
+from yoloprune.finetune import TAIL_WINDOW
 from yoloprune.io import atomic_path, write_json
 from yoloprune.params import SYNTHETIC, load_params
 
@@ -705,6 +706,7 @@ COLUMNS = {  # column -> (metrics file, key) of the experiment's metrics
     "parity": ("metrics/benchmark.json", "onnx_parity_rel_error"),
     "ft_epochs_run": ("metrics/finetune.json", "epochs"),
     "base_epochs_run": ("metrics/baseline.json", "epochs"),
+    "base_tail": ("metrics/baseline.json", "map50_95_tail_gain"),  # see yoloprune.finetune.tail_gain
 }
 PARAM_COLUMNS = {"model": "model", "method": "method", "target": "speed_up", "imgsz": "imgsz",
                  "round_to": "prune.round_to", "ft_epochs": "finetune.epochs", "base_epochs": "baseline.epochs"}
@@ -1015,6 +1017,7 @@ def reading(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_r
 
     out["frontier"] = _frontier(df)
     out["control"] = _control(df, control_results)
+    out["curves"] = _curves(df)
     out["remedy"] = _remedy(df)
     out["gaps"] = _gaps(df, checks)
     out["recommendation"] = _recommendation(df, checks)
@@ -1095,6 +1098,20 @@ def _control(df: pd.DataFrame, control_results: Sequence[dict]) -> str:
                      f"{c['baseline_map50_95']:.3f} -> {c['map50_95']:.3f} ({gain:+.3f}: {plateau})"
                      + (f"; retention against it: {ret}" if ret else ""))
     return "; ".join(parts) + "."
+
+
+def _curves(df: pd.DataFrame) -> str:
+    """Say, from each baseline's own training curve, how much its last epochs still gained (``tail_gain``)."""
+    rows = df.dropna(subset=["base_tail"]).drop_duplicates("baseline_md5") if "base_tail" in df else df.iloc[:0]
+    if not len(rows):
+        return ("No baseline curve recorded yet (the baseline stage writes `map50_95_tail_gain` to "
+                "`metrics/baseline.json` when it trains 20 epochs or more).")
+    flat = rows["base_tail"] < PLATEAU_TOL
+    return (f"Mean mAP50-95 of each baseline's last {TAIL_WINDOW} epochs minus that of the {TAIL_WINDOW} before, "
+            "from its own training curve (`metrics/baseline_curves.csv`): " + "; ".join(
+                f"{r.family} ({r.experiment}) {r.base_tail:+.3f} after {r.base_epochs:.0f} epochs"
+                f"{'' if ok else ' (still rising)'}" for r, ok in zip(rows.itertuples(), flat, strict=True))
+            + f". {int(flat.sum())} of {len(rows)} baselines rose less than {PLATEAU_TOL} (the plateau bar).")
 
 
 def budget_table(df: pd.DataFrame, probe_df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFrame:
@@ -1388,7 +1405,8 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
 READING = [("front", "Pareto front"), ("targets", "Targets"), ("spread", "Run-to-run spread"),
            ("latency_vs_macs", "Latency vs MACs"), ("methods", "Importance method"), ("round_to", "round_to"),
            ("budget", "Fine-tune budget"), ("generations", "Generations"), ("frontier", "Family frontier"),
-           ("control", "Equal-budget control"), ("remedy", "Remedy tried"), ("gaps", "Closing the gaps"),
+           ("control", "Equal-budget control"), ("curves", "Baseline curves"), ("remedy", "Remedy tried"),
+           ("gaps", "Closing the gaps"),
            ("recommendation", "Recommended default")]
 
 
