@@ -614,3 +614,31 @@ def test_queue_replaces_a_stale_result_without_forcing_a_rerun(monkeypatch, expe
 def test_report_names_every_commit_the_experiments_ran_from():
     assert study._commits("abc123") == "commit `abc123`"
     assert study._commits("abc123, def456").startswith("commits `abc123`, `def456` (the same pipeline files")
+
+
+def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
+    first, _ = _table()
+    second = first.copy()
+    second.loc[second["experiment"] == "v8n-lamp-2x", "map_ft"] += 0.005  # within 0.01
+    second.loc[second["experiment"] == "v8n-lamp-3x", "map_ft"] -= 0.03  # beyond
+    second.loc[second["experiment"] == "11n-lamp-2x", "lat_speed_up"] *= 1.15  # beyond 10 %
+    second.loc[second["experiment"] == "v8n-l1-2x", "lat_speed_up"] *= 1.05  # within
+    second = second[second["experiment"] != "v8s-lamp-to-v8n"]
+    table = study.compare_runs(first, second)
+    moved = {(r.experiment, r.figure) for r in table.itertuples() if not r.within}
+    assert moved == {("v8n-lamp-3x", "fine-tuned mAP50-95"), ("11n-lamp-2x", "latency speed-up")}
+    assert len(table) == 5 * (len(first) - 1)  # five figures of each experiment both runs have
+    row = table[(table["experiment"] == "11n-lamp-2x") & (table["figure"] == "latency speed-up")].iloc[0]
+    assert row["diff"] == pytest.approx(0.15)
+    md = study.comparison_md(first, second, table)
+    assert md.startswith(f"{len(table) - 2} of {len(table)} figures of {len(first) - 1} experiments agree within noise")
+    assert "Only in the first run: v8s-lamp-to-v8n." in md and "v8n-lamp-3x fine-tuned mAP50-95 0.73 -> 0.7" in md
+    # The CLI: a report folder or its csv on either side; exit 1 when anything moved or is missing, 0 when not.
+    (tmp_path / "a" / "study").mkdir(parents=True)
+    first.to_csv(tmp_path / "a" / "study" / "experiments.csv", index=False)
+    second.to_csv(tmp_path / "b.csv", index=False)
+    assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "b.csv")]) == 1
+    assert "| 11n-lamp-2x | latency speed-up |" in capsys.readouterr().out
+    assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "a" / "study" / "experiments.csv")]) == 0
+    assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert "no experiments table" in capsys.readouterr().err

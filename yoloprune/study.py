@@ -11,6 +11,7 @@ dataset and baseline are computed once) and a finished stage is never computed t
     python -m yoloprune.study run       # `dvc queue start -j 1`, then wait for the study's experiments
     python -m yoloprune.study control   # the equal-budget controls (baselines trained the fine-tune's epochs more)
     python -m yoloprune.study report    # docs/results.md, docs/results.png and docs/study/
+    python -m yoloprune.study compare docs OTHER/docs   # two runs side by side: the same within noise?
 
 ``make study`` runs the five in order. It resumes: experiments already queued, running or
 done are skipped, failed ones are queued again, and the queue worker runs in the
@@ -1526,6 +1527,83 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
     return md, png
 
 
+# --- two runs of the study, side by side ---------------------------------------------------------------------------
+
+# Column of experiments.csv -> (label, tolerance kind): "abs" (mAP50-95, its default tolerance MAP_TOL), "pt"
+# (retention in points, RETENTION_TOL) or "rel" (a ratio, relative: LATENCY_TOL for latency, MACS_TOL for MACs).
+COMPARED = {"map_base": ("baseline mAP50-95", "abs"), "map_ft": ("fine-tuned mAP50-95", "abs"),
+            "retention": ("retention %", "pt"), "achieved": ("MACs speed-up", "macs"),
+            "lat_speed_up": ("latency speed-up", "rel")}
+MAP_TOL = 0.01  # mAP50-95: the report's resolution (PLATEAU_TOL); a same-seed re-run on the same CPU differs by less
+RETENTION_TOL = 2.0  # points: MAP_TOL on a ~0.5 baseline
+LATENCY_TOL = 0.10  # relative: ONNX files of the same widths were timed up to ~10 % apart in one interleaved pass
+MACS_TOL = 0.001  # relative: pruning is deterministic given the same baseline
+
+
+def read_experiments(path: str | Path) -> pd.DataFrame:
+    """Return a study run's experiments table: ``path`` is its ``experiments.csv`` or the report folder holding
+    ``study/experiments.csv`` (``docs``)."""
+    path = Path(path)
+    csv_path = path / "study" / "experiments.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise YoloPruneError(f"{csv_path}: no experiments table; pass a report folder (docs) or its "
+                             "study/experiments.csv, written by `python -m yoloprune.study report`")
+    df = pd.read_csv(csv_path)
+    if "experiment" not in df:
+        raise YoloPruneError(f"{csv_path}: not a study experiments table (no 'experiment' column)")
+    return df
+
+
+def compare_runs(old: pd.DataFrame, new: pd.DataFrame, map_tol: float = MAP_TOL, retention_tol: float = RETENTION_TOL,
+                 latency_tol: float = LATENCY_TOL) -> pd.DataFrame:
+    """Return every compared figure (``COMPARED``) of the experiments both runs finished, old beside new.
+
+    Columns: experiment, figure, old, new, diff (new - old; relative for ratios) and
+    ``within`` (the difference is inside its tolerance: the noise between two runs).
+    """
+    tols = {"abs": map_tol, "pt": retention_tol, "rel": latency_tol, "macs": MACS_TOL}
+    both = old.merge(new, on="experiment", suffixes=("_old", "_new"))
+    rows = []
+    for r in both.itertuples(index=False):
+        for col, (label, kind) in COMPARED.items():
+            a, b = getattr(r, f"{col}_old", math.nan), getattr(r, f"{col}_new", math.nan)
+            if pd.isna(a) or pd.isna(b):
+                continue
+            diff = (b / a - 1) if kind in ("rel", "macs") else b - a
+            rows.append({"experiment": r.experiment, "figure": label, "old": float(a), "new": float(b),
+                         "diff": float(diff), "within": abs(diff) <= tols[kind] + 1e-12})
+    return pd.DataFrame(rows, columns=["experiment", "figure", "old", "new", "diff", "within"])
+
+
+def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, map_tol: float = MAP_TOL,
+                  retention_tol: float = RETENTION_TOL, latency_tol: float = LATENCY_TOL) -> str:
+    """Return the comparison as markdown: the verdict, the experiments only one run has, and the table."""
+    only_old = sorted(set(old["experiment"]) - set(new["experiment"]))
+    only_new = sorted(set(new["experiment"]) - set(old["experiment"]))
+    outside = table[~table["within"]]
+    verdict = (f"{int(table['within'].sum())} of {len(table)} figures of {table['experiment'].nunique()} "
+               f"experiments agree within noise (mAP50-95 ±{map_tol}, retention ±{retention_tol:g} pt, latency "
+               f"speed-up ±{latency_tol:.0%}, MACs speed-up ±{MACS_TOL:.1%}).")
+    lines = [verdict]
+    if len(outside):
+        lines.append("Outside: " + "; ".join(f"{r.experiment} {r.figure} {r.old:.4g} -> {r.new:.4g}"
+                                             for r in outside.itertuples()) + ".")
+    for label, names in (("Only in the first run", only_old), ("Only in the second run", only_new)):
+        if names:
+            lines.append(f"{label}: {', '.join(names)}.")
+
+    kinds = {label: kind for label, kind in COMPARED.values()}
+    specs = {"abs": (".4f", "+.4f"), "pt": (".2f", "+.2f"), "rel": (".3f", "+.1%"), "macs": (".3f", "+.2%")}
+
+    def fmt(r: Any) -> list[str]:
+        value, diff = specs[kinds[r.figure]]
+        return [r.experiment, r.figure, format(r.old, value), format(r.new, value), format(r.diff, diff),
+                "yes" if r.within else "**no**"]
+    return "\n\n".join([*lines, md_table([fmt(r) for r in table.itertuples()],
+                                          ["experiment", "figure", "first run", "second run", "difference",
+                                           "within noise"])]) + "\n"
+
+
 # --- the equal-budget control ---------------------------------------------------------------------------------------
 
 def run_control(control: Control, experiments: Sequence[Experiment], repo: str | Path = ".",
@@ -1620,9 +1698,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_p.add_argument("--poll", type=float, default=60, help="seconds between checks of the queue (default 60)")
     sub.add_parser("control", help="train the equal-budget controls")
     sub.add_parser("report", help="write docs/results.md, docs/results.png and docs/study/")
+    cmp_p = sub.add_parser("compare", help="set two runs' reports side by side: does the second reproduce the "
+                                           "first within noise? (exit 1 if not)")
+    cmp_p.add_argument("first", help="a report folder (docs) or its study/experiments.csv")
+    cmp_p.add_argument("second", help="the other run's, alike")
+    cmp_p.add_argument("--map-tol", type=float, default=MAP_TOL, help=f"mAP50-95 tolerance (default {MAP_TOL})")
+    cmp_p.add_argument("--retention-tol", type=float, default=RETENTION_TOL,
+                       help=f"retention tolerance in points (default {RETENTION_TOL:g})")
+    cmp_p.add_argument("--latency-tol", type=float, default=LATENCY_TOL,
+                       help=f"relative latency speed-up tolerance (default {LATENCY_TOL})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.command == "compare":
+            first, second = read_experiments(args.first), read_experiments(args.second)
+            tols = {"map_tol": args.map_tol, "retention_tol": args.retention_tol, "latency_tol": args.latency_tol}
+            table = compare_runs(first, second, **tols)
+            print(comparison_md(first, second, table, **tols), end="")
+            same = set(first["experiment"]) == set(second["experiment"])
+            return 0 if same and bool(table["within"].all()) else 1
         experiments = study_sweep(args.params, probe=args.probe and args.command != "report")
         if args.command == "plan":
             print(_plan(experiments, args.probe))
