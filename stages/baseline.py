@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 
+from yoloprune.curves import TAIL_WINDOW, read_results, results_text, tail_gain
 from yoloprune.data import check_data_yaml
 from yoloprune.errors import exit_on_error
-from yoloprune.finetune import MAP_COLUMN, TAIL_WINDOW, can_resume, finetune, tail_gain
+from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json, write_text
 from yoloprune.params import data_yaml, load_params
 
@@ -19,7 +20,7 @@ model, data = params["model"], data_yaml(params)
 if model.endswith(".pt"):
     save_model(load_model(model), OUT, {"source": model})
     write_json({"trained": False, "source": model}, "metrics/baseline.json")
-    write_text(f"epoch,{MAP_COLUMN}\n", CURVES)  # no training, no curve (the stage declares the file)
+    write_text(results_text([]), CURVES)  # no training, no curve: a header only (the stage declares the file)
 else:
     b = params["baseline"]
     settings = {"epochs": b["epochs"], "imgsz": params["imgsz"], "batch": b["batch"], **b["args"]}
@@ -31,7 +32,7 @@ else:
                           resume=can_resume(RUN, init, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     write_json({"trained": True, "epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95,
-                # mean mAP50-95 of the last TAIL_WINDOW epochs minus the TAIL_WINDOW before: ~0 at a plateau
+                # mean mAP50-95 of the last TAIL_WINDOW epochs minus the TAIL_WINDOW before: ~0 once it flattened
                 "map50_95_tail_gain": tail_gain(result.curve), "tail_window": TAIL_WINDOW},
                "metrics/baseline.json")
-    write_text(result.curves.read_text(), CURVES)  # the training curves, kept in git for `dvc plots`
+    write_text(results_text(read_results(result.results_csv)), CURVES)  # one row an epoch, kept for `dvc plots`

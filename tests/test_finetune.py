@@ -26,7 +26,6 @@ from yoloprune.finetune import (
     epoch_seed,
     finetune,
     match_dataset,
-    tail_gain,
 )
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter
@@ -94,9 +93,7 @@ def test_training_changes_weights_and_saves_fp32(trained, pruned):
     assert not (trained.best.parent / BEST_FP32).exists()
     assert trained.epochs == 1 and set(trained.metrics) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
     assert 0 <= trained.map50_95 <= trained.map50 <= 1
-    with open(trained.curves, newline="") as f:  # the curve is results.csv's mAP50-95 column, one value an epoch
-        assert trained.curve == tuple(float(r["metrics/mAP50-95(B)"]) for r in csv.DictReader(f))
-    assert len(trained.curve) == 1
+    assert trained.results_csv.is_file() and len(trained.curve) == 1 and 0 <= trained.curve[0] <= 1  # one epoch
 
 
 def test_best_reloads_with_yolo_in_a_fresh_process(trained, pruned):
@@ -186,17 +183,6 @@ def test_resume_without_fp32_state_falls_back_to_ultralytics(tmp_path, pruned, d
     with pytest.raises(YoloPruneError, match="unreadable checkpoint"):
         finetune(pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4, out_dir=out, resume=True)
     assert not can_resume(out, pruned, dataset, epochs=2, imgsz=IMGSZ, batch=4)
-
-
-def test_tail_gain_compares_the_last_window_with_the_one_before():
-    rising = [0.1 * i for i in range(20)]
-    assert tail_gain(rising, window=10) == pytest.approx(1.0)  # each of the last ten is ten steps of 0.1 later
-    flat = [0.5, 0.52, 0.49, 0.51, 0.48] * 4  # jitter around a plateau
-    assert tail_gain(flat) == pytest.approx(0.0, abs=1e-12)  # the default window: 10 epochs
-    assert tail_gain([0.0, 0.2, 0.3, 0.3, 0.3], window=2) == pytest.approx(0.3 - 0.25)  # older values are ignored
-    assert tail_gain(rising[:19], window=10) is None  # too short to tell
-    with pytest.raises(YoloPruneError, match="window"):
-        tail_gain(rising, window=0)
 
 
 def test_epoch_shuffle_depends_on_seed_and_epoch_only():

@@ -442,6 +442,7 @@ def test_report_without_results(tmp_path, experiments, records):
     md, png = study.write_report(empty, [], study.Context(missing=study.missing(records, experiments)), tmp_path)
     text = md.read_text()
     assert f"0 of {len(experiments) - 2} experiments finished" in text and "Not measured yet" in text and png.is_file()
+    assert "**Baseline curves.** No baseline curve recorded yet" in text
 
 
 def test_interleaved_medians_times_every_runner_in_rounds():
@@ -619,20 +620,29 @@ def test_report_names_every_commit_the_experiments_ran_from():
 def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
     first, _ = _table()
     second = first.copy()
-    second.loc[second["experiment"] == "v8n-lamp-2x", "map_ft"] += 0.005  # within 0.01
-    second.loc[second["experiment"] == "v8n-lamp-3x", "map_ft"] -= 0.03  # beyond
-    second.loc[second["experiment"] == "11n-lamp-2x", "lat_speed_up"] *= 1.15  # beyond 10 %
-    second.loc[second["experiment"] == "v8n-l1-2x", "lat_speed_up"] *= 1.05  # within
+    at = second["experiment"].eq
+    second.loc[at("v8n-lamp-2x"), "map_ft"] += 0.005  # within 0.01
+    second.loc[at("v8n-lamp-3x"), "map_ft"] -= 0.03  # beyond
+    second.loc[at("11n-lamp-2x"), "lat_speed_up"] *= 1.15  # beyond 10 %
+    second.loc[at("v8n-l1-2x"), "lat_speed_up"] *= 1.05  # within
+    second.loc[at("v8n-lamp-1.5x"), "lat_speed_up"] = math.nan  # the second run lacks the figure
+    second.loc[at("v8n-lamp-2x-r1"), "base_epochs"] = 60  # not the same experiment any more
     second = second[second["experiment"] != "v8s-lamp-to-v8n"]
     table = study.compare_runs(first, second)
     moved = {(r.experiment, r.figure) for r in table.itertuples() if not r.within}
-    assert moved == {("v8n-lamp-3x", "fine-tuned mAP50-95"), ("11n-lamp-2x", "latency speed-up")}
-    assert len(table) == 5 * (len(first) - 1)  # five figures of each experiment both runs have
+    r1 = {("v8n-lamp-2x-r1", f) for f in ("settings", *(label for label, _ in study.COMPARED.values()))}
+    assert moved == {("v8n-lamp-3x", "fine-tuned mAP50-95"), ("11n-lamp-2x", "latency speed-up"),
+                     ("v8n-lamp-1.5x", "latency speed-up"), *r1}
+    assert len(table) == 5 * (len(first) - 1) + 1  # five figures of each experiment both runs have, one settings row
     row = table[(table["experiment"] == "11n-lamp-2x") & (table["figure"] == "latency speed-up")].iloc[0]
-    assert row["diff"] == pytest.approx(0.15)
+    assert row["diff"] == pytest.approx(0.15) and row["tol"] == study.LATENCY_TOL
     md = study.comparison_md(first, second, table)
-    assert md.startswith(f"{len(table) - 2} of {len(table)} figures of {len(first) - 1} experiments agree within noise")
-    assert "Only in the first run: v8s-lamp-to-v8n." in md and "v8n-lamp-3x fine-tuned mAP50-95 0.73 -> 0.7" in md
+    n = len(table)
+    assert md.startswith(f"{n - 9} of {n} figures of {len(first) - 1} experiments agree within noise (mAP50-95 ±0.01")
+    for needle in ("Only in the first run: v8s-lamp-to-v8n.", "v8n-lamp-3x fine-tuned mAP50-95 0.73 -> 0.7",
+                   "v8n-lamp-2x-r1 settings differ (base_epochs 40 -> 60)", "| v8n-lamp-1.5x | latency speed-up |"):
+        assert needle in md, needle
+    assert not study.reproduced(first, second, table)
     # The CLI: a report folder or its csv on either side; exit 1 when anything moved or is missing, 0 when not.
     (tmp_path / "a" / "study").mkdir(parents=True)
     first.to_csv(tmp_path / "a" / "study" / "experiments.csv", index=False)
@@ -640,5 +650,14 @@ def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
     assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "b.csv")]) == 1
     assert "| 11n-lamp-2x | latency speed-up |" in capsys.readouterr().out
     assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "a" / "study" / "experiments.csv")]) == 0
-    assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
-    assert "no experiments table" in capsys.readouterr().err
+    assert "agree within noise" in capsys.readouterr().out
+
+
+def test_compare_refuses_what_is_not_a_table(tmp_path, capsys):
+    empty, header_only = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_text("")
+    header_only.write_text(",".join(["experiment", *study.COMPARED]) + "\n")
+    for bad, why in ((tmp_path / "missing", "no experiments table"), (empty, "unreadable experiments table")):
+        assert study.main(["compare", str(bad), str(header_only)]) == 2
+        assert why in capsys.readouterr().err
+    assert study.main(["compare", str(header_only), str(header_only)]) == 1  # nothing compared: nothing reproduced

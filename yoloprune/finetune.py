@@ -33,14 +33,13 @@ Each run also:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloprune.curves import map_curve, read_results
 from yoloprune.errors import YoloPruneError
 from yoloprune.export import torch_threads_kept
 from yoloprune.io import atomic_path, load_model, write_json
@@ -393,7 +393,7 @@ class FinetuneResult:
     curve: tuple[float, ...] = ()  # box mAP50-95 of each epoch's validation (empty for a task without boxes)
 
     @property
-    def curves(self) -> Path:
+    def results_csv(self) -> Path:
         """Return Ultralytics' per-epoch record of the run (losses, metrics, learning rates): its results.csv."""
         return self.save_dir / "results.csv"
 
@@ -529,39 +529,16 @@ def _check_resumable(last: Path) -> None:
                              "another out_dir")
 
 
-MAP_COLUMN = "metrics/mAP50-95(B)"  # results.csv's column of box mAP50-95
-TAIL_WINDOW = 10  # epochs: tail_gain compares the mean of the last ones with the mean of as many before
-
-
-def tail_gain(curve: Sequence[float], window: int = TAIL_WINDOW) -> float | None:
-    """Return how far a training curve still rose at its end: the mean of its last ``window`` values minus the
-    mean of the ``window`` before them; None when it has fewer than ``2 * window`` values.
-
-    Near zero (within the epoch-to-epoch jitter of validation) says the run had reached
-    a plateau; a clear rise says more epochs would still have paid. Means, not single
-    epochs, so one lucky validation does not decide it.
-    """
-    if window < 1:
-        raise YoloPruneError(f"window must be a positive number of epochs, got {window!r}")
-    if len(curve) < 2 * window:
-        return None
-    last, before = curve[-window:], curve[-2 * window:-window]
-    return float(sum(last) / window - sum(before) / window)
-
-
 def _result(trainer) -> FinetuneResult:
     metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None
     if metrics is None and trainer.best.exists():  # DDP: the launching process trained nothing itself
         metrics = torch_load(trainer.best, map_location="cpu").get("train_metrics") or {}
-    rows = []
-    if trainer.csv.exists():
-        with open(trainer.csv, newline="") as f:
-            rows = [{k.strip(): v for k, v in row.items() if k} for row in csv.DictReader(f)]
+    rows = read_results(trainer.csv) if trainer.csv.exists() else []
     return FinetuneResult(
         best=trainer.best,
         last=trainer.last,
         save_dir=Path(trainer.save_dir),
         epochs=len(rows),
         metrics={k: float(v) for k, v in (metrics or {}).items() if k.startswith("metrics/")},
-        curve=tuple(float(r[MAP_COLUMN]) for r in rows if r.get(MAP_COLUMN) not in (None, "")),
+        curve=map_curve(rows),
     )

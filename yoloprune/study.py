@@ -43,8 +43,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from yoloprune.curves import TAIL_WINDOW
 from yoloprune.errors import YoloPruneError
-from yoloprune.finetune import TAIL_WINDOW
 from yoloprune.io import atomic_path, write_json
 from yoloprune.params import SYNTHETIC, load_params
 
@@ -1106,11 +1106,11 @@ def _curves(df: pd.DataFrame) -> str:
     rows = df.dropna(subset=["base_tail"]).drop_duplicates("baseline_md5") if "base_tail" in df else df.iloc[:0]
     if not len(rows):
         return ("No baseline curve recorded yet (the baseline stage writes `map50_95_tail_gain` to "
-                "`metrics/baseline.json` when it trains 20 epochs or more).")
+                f"`metrics/baseline.json` when it trains {2 * TAIL_WINDOW} epochs or more).")
     flat = rows["base_tail"] < PLATEAU_TOL
     return (f"Mean mAP50-95 of each baseline's last {TAIL_WINDOW} epochs minus that of the {TAIL_WINDOW} before, "
             "from its own training curve (`metrics/baseline_curves.csv`): " + "; ".join(
-                f"{r.family} ({r.experiment}) {r.base_tail:+.3f} after {r.base_epochs:.0f} epochs"
+                f"{r.family} ({r.experiment}) {r.base_tail:+.3f} after {r.base_epochs_run:.0f} epochs"
                 f"{'' if ok else ' (still rising)'}" for r, ok in zip(rows.itertuples(), flat, strict=True))
             + f". {int(flat.sum())} of {len(rows)} baselines rose less than {PLATEAU_TOL} (the plateau bar).")
 
@@ -1529,15 +1529,17 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
 
 # --- two runs of the study, side by side ---------------------------------------------------------------------------
 
-# Column of experiments.csv -> (label, tolerance kind): "abs" (mAP50-95, its default tolerance MAP_TOL), "pt"
-# (retention in points, RETENTION_TOL) or "rel" (a ratio, relative: LATENCY_TOL for latency, MACS_TOL for MACs).
-COMPARED = {"map_base": ("baseline mAP50-95", "abs"), "map_ft": ("fine-tuned mAP50-95", "abs"),
+# Column of experiments.csv -> (label, tolerance kind). Kinds: "map" (mAP50-95, absolute: MAP_TOL), "pt" (retention,
+# in points: RETENTION_TOL), "latency" (a speed-up ratio, relative: LATENCY_TOL), "macs" (relative: MACS_TOL).
+COMPARED = {"map_base": ("baseline mAP50-95", "map"), "map_ft": ("fine-tuned mAP50-95", "map"),
             "retention": ("retention %", "pt"), "achieved": ("MACs speed-up", "macs"),
-            "lat_speed_up": ("latency speed-up", "rel")}
+            "lat_speed_up": ("latency speed-up", "latency")}
+RELATIVE = {"latency", "macs"}  # kinds compared as new / old - 1
 MAP_TOL = 0.01  # mAP50-95: the report's resolution (PLATEAU_TOL); a same-seed re-run on the same CPU differs by less
 RETENTION_TOL = 2.0  # points: MAP_TOL on a ~0.5 baseline
 LATENCY_TOL = 0.10  # relative: ONNX files of the same widths were timed up to ~10 % apart in one interleaved pass
 MACS_TOL = 0.001  # relative: pruning is deterministic given the same baseline
+SETTINGS = ("model", "method", "target", "imgsz", "round_to", "ft_epochs", "base_epochs")  # must agree to compare
 
 
 def read_experiments(path: str | Path) -> pd.DataFrame:
@@ -1548,7 +1550,11 @@ def read_experiments(path: str | Path) -> pd.DataFrame:
     if not csv_path.is_file():
         raise YoloPruneError(f"{csv_path}: no experiments table; pass a report folder (docs) or its "
                              "study/experiments.csv, written by `python -m yoloprune.study report`")
-    df = pd.read_csv(csv_path)
+    try:
+        df = pd.read_csv(csv_path)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise YoloPruneError(f"{csv_path}: unreadable experiments table ({type(e).__name__}); write it again with "
+                             "`python -m yoloprune.study report`") from e
     if "experiment" not in df:
         raise YoloPruneError(f"{csv_path}: not a study experiments table (no 'experiment' column)")
     return df
@@ -1556,52 +1562,72 @@ def read_experiments(path: str | Path) -> pd.DataFrame:
 
 def compare_runs(old: pd.DataFrame, new: pd.DataFrame, map_tol: float = MAP_TOL, retention_tol: float = RETENTION_TOL,
                  latency_tol: float = LATENCY_TOL) -> pd.DataFrame:
-    """Return every compared figure (``COMPARED``) of the experiments both runs finished, old beside new.
+    """Return every compared figure (``COMPARED``) of the experiments both runs have, old beside new.
 
-    Columns: experiment, figure, old, new, diff (new - old; relative for ratios) and
-    ``within`` (the difference is inside its tolerance: the noise between two runs).
+    Columns: experiment, figure, kind, old, new, diff (new - old; relative for ratios),
+    tol and ``within`` (the difference is inside its tolerance: the noise between two
+    runs). A figure one run lacks is not within; so is every figure of an experiment
+    whose settings (``SETTINGS``) differ between the runs, which has a row of its own.
     """
-    tols = {"abs": map_tol, "pt": retention_tol, "rel": latency_tol, "macs": MACS_TOL}
+    tols = {"map": map_tol, "pt": retention_tol, "latency": latency_tol, "macs": MACS_TOL}
     both = old.merge(new, on="experiment", suffixes=("_old", "_new"))
     rows = []
     for r in both.itertuples(index=False):
+        changed = [k for k in SETTINGS
+                   if f"{k}_old" in both and str(getattr(r, f"{k}_old")) != str(getattr(r, f"{k}_new"))]
+        if changed:
+            rows.append({"experiment": r.experiment, "figure": "settings", "kind": "settings", "old": math.nan,
+                         "new": math.nan, "diff": math.nan, "tol": 0.0, "within": False,
+                         "note": ", ".join(f"{k} {getattr(r, f'{k}_old')} -> {getattr(r, f'{k}_new')}"
+                                           for k in changed)})
         for col, (label, kind) in COMPARED.items():
             a, b = getattr(r, f"{col}_old", math.nan), getattr(r, f"{col}_new", math.nan)
-            if pd.isna(a) or pd.isna(b):
+            if pd.isna(a) and pd.isna(b):
                 continue
-            diff = (b / a - 1) if kind in ("rel", "macs") else b - a
-            rows.append({"experiment": r.experiment, "figure": label, "old": float(a), "new": float(b),
-                         "diff": float(diff), "within": abs(diff) <= tols[kind] + 1e-12})
-    return pd.DataFrame(rows, columns=["experiment", "figure", "old", "new", "diff", "within"])
+            diff = (b / a - 1 if kind in RELATIVE else b - a) if not (pd.isna(a) or pd.isna(b)) else math.nan
+            rows.append({"experiment": r.experiment, "figure": label, "kind": kind, "old": float(a), "new": float(b),
+                         "diff": float(diff), "tol": tols[kind],
+                         "within": not changed and not math.isnan(diff) and abs(diff) <= tols[kind] + 1e-12,
+                         "note": ""})
+    return pd.DataFrame(rows, columns=["experiment", "figure", "kind", "old", "new", "diff", "tol", "within", "note"])
 
 
-def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, map_tol: float = MAP_TOL,
-                  retention_tol: float = RETENTION_TOL, latency_tol: float = LATENCY_TOL) -> str:
-    """Return the comparison as markdown: the verdict, the experiments only one run has, and the table."""
+def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> str:
+    """Return the comparison as markdown: the verdict, what moved, the experiments only one run has, and the table."""
     only_old = sorted(set(old["experiment"]) - set(new["experiment"]))
     only_new = sorted(set(new["experiment"]) - set(old["experiment"]))
-    outside = table[~table["within"]]
+    tols = table.drop_duplicates("kind").set_index("kind")["tol"].to_dict()
+    names = {"map": "mAP50-95 ±{:g}", "pt": "retention ±{:g} pt", "latency": "latency speed-up ±{:.0%}",
+             "macs": "MACs speed-up ±{:.1%}"}
+    bounds = ", ".join(spec.format(tols[k]) for k, spec in names.items() if k in tols)
     verdict = (f"{int(table['within'].sum())} of {len(table)} figures of {table['experiment'].nunique()} "
-               f"experiments agree within noise (mAP50-95 ±{map_tol}, retention ±{retention_tol:g} pt, latency "
-               f"speed-up ±{latency_tol:.0%}, MACs speed-up ±{MACS_TOL:.1%}).")
+               f"experiments agree within noise{f' ({bounds})' if bounds else ''}.")
     lines = [verdict]
+    outside = table[~table["within"]]
     if len(outside):
-        lines.append("Outside: " + "; ".join(f"{r.experiment} {r.figure} {r.old:.4g} -> {r.new:.4g}"
+        lines.append("Outside: " + "; ".join(r.note and f"{r.experiment} settings differ ({r.note})" or
+                                             f"{r.experiment} {r.figure} {r.old:.4g} -> {r.new:.4g}"
                                              for r in outside.itertuples()) + ".")
-    for label, names in (("Only in the first run", only_old), ("Only in the second run", only_new)):
-        if names:
-            lines.append(f"{label}: {', '.join(names)}.")
-
-    kinds = {label: kind for label, kind in COMPARED.values()}
-    specs = {"abs": (".4f", "+.4f"), "pt": (".2f", "+.2f"), "rel": (".3f", "+.1%"), "macs": (".3f", "+.2%")}
+    for label, names_ in (("Only in the first run", only_old), ("Only in the second run", only_new)):
+        if names_:
+            lines.append(f"{label}: {', '.join(names_)}.")
+    specs = {"map": (".4f", "+.4f"), "pt": (".2f", "+.2f"), "latency": (".3f", "+.1%"), "macs": (".3f", "+.2%")}
 
     def fmt(r: Any) -> list[str]:
-        value, diff = specs[kinds[r.figure]]
-        return [r.experiment, r.figure, format(r.old, value), format(r.new, value), format(r.diff, diff),
+        if r.kind == "settings":
+            return [r.experiment, "settings", "", "", r.note, "**no**"]
+        value, diff = specs[r.kind]
+        cells = [format(v, value) if not math.isnan(v) else "–" for v in (r.old, r.new)]
+        return [r.experiment, r.figure, *cells, format(r.diff, diff) if not math.isnan(r.diff) else "–",
                 "yes" if r.within else "**no**"]
     return "\n\n".join([*lines, md_table([fmt(r) for r in table.itertuples()],
                                           ["experiment", "figure", "first run", "second run", "difference",
                                            "within noise"])]) + "\n"
+
+
+def reproduced(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> bool:
+    """Return whether the second run reproduced the first: the same experiments, and every figure within noise."""
+    return set(old["experiment"]) == set(new["experiment"]) and len(table) > 0 and bool(table["within"].all())
 
 
 # --- the equal-budget control ---------------------------------------------------------------------------------------
@@ -1714,9 +1740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first, second = read_experiments(args.first), read_experiments(args.second)
             tols = {"map_tol": args.map_tol, "retention_tol": args.retention_tol, "latency_tol": args.latency_tol}
             table = compare_runs(first, second, **tols)
-            print(comparison_md(first, second, table, **tols), end="")
-            same = set(first["experiment"]) == set(second["experiment"])
-            return 0 if same and bool(table["within"].all()) else 1
+            print(comparison_md(first, second, table), end="")
+            return 0 if reproduced(first, second, table) else 1
         experiments = study_sweep(args.params, probe=args.probe and args.command != "report")
         if args.command == "plan":
             print(_plan(experiments, args.probe))
