@@ -37,9 +37,10 @@ review: setup
 	@$(BIN)/python -m yoloprune.review --base $(BASE) $(if $(REV),--head $(REV))
 
 # The measured study (docs/results.md and its plot): the sweep of DVC experiments in yoloprune/study.py, queued, run
-# by one background queue worker, then the equal-budget controls and the report. Resumable: after an interruption
-# (Ctrl-C leaves the worker running) `make study` again skips what is queued or done and waits for the rest;
-# `dvc queue stop --kill` stops the worker. `python -m yoloprune.study plan` lists the experiments, runs nothing.
+# by two background queue workers (one training thread each; an experiment is queued once its baseline is trained),
+# then the equal-budget controls and the report. Resumable: after an interruption (Ctrl-C leaves the workers
+# running) `make study` again skips what is queued or done and waits for the rest; `dvc queue stop --kill` stops
+# them. `python -m yoloprune.study plan` lists the experiments, runs nothing.
 study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study queue
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study run

@@ -28,7 +28,7 @@ else:
         torch.manual_seed(0)  # the same initial weights on every run, so an interrupted run is resumed, not redone
         nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml
         init = save_model(load_model(model, nc=nc), Path(tmp) / "init.pt", {"source": model})
-        result = finetune(init, data, workers=b["workers"], out_dir=RUN,
+        result = finetune(init, data, workers=b["workers"], threads=b["threads"], out_dir=RUN,
                           resume=can_resume(RUN, init, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     write_json({"trained": True, "epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95,

@@ -14,7 +14,7 @@ exit_on_error()
 params = load_params()
 f, data = params["finetune"], data_yaml(params)
 settings = {"epochs": f["epochs"], "imgsz": params["imgsz"], "batch": f["batch"], **f["args"]}
-result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], out_dir=RUN,
+result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], threads=f["threads"], out_dir=RUN,
                   resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})
 write_json({"epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95}, "metrics/finetune.json")

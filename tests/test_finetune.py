@@ -23,6 +23,7 @@ from yoloprune.finetune import (
     PrunedDetectionTrainer,
     _is_integration,
     can_resume,
+    cpu_threads,
     epoch_seed,
     finetune,
     match_dataset,
@@ -69,9 +70,28 @@ def pruned(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("pruned") / "pruned.pt")
 
 
+THREADS_SEEN: list[int] = []  # torch's thread count at each training batch of the `trained` run (threads=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pruned, dataset):
-    return finetune(pruned, dataset, epochs=1, imgsz=IMGSZ, batch=4, out_dir=tmp_path_factory.mktemp("runs") / "ft")
+    record = {"on_train_batch_end": [lambda trainer: THREADS_SEEN.append(torch.get_num_threads())]}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's count, which the run must give back
+    try:
+        result = finetune(pruned, dataset, epochs=1, imgsz=IMGSZ, batch=4, threads=1, callbacks=record,
+                          out_dir=tmp_path_factory.mktemp("runs") / "ft")
+        THREADS_SEEN.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    return result
+
+
+def test_training_runs_on_the_threads_asked_for_and_restores_the_count(trained):
+    *during, after = THREADS_SEEN
+    assert during and set(during) == {1}  # every batch of the run trained on one thread
+    assert after == 2  # the caller's count came back
+    assert cpu_threads(None) == len(os.sched_getaffinity(0)) and cpu_threads(3) == 3  # None: every core
 
 
 def test_training_keeps_the_pruned_architecture(trained, pruned):
@@ -261,6 +281,8 @@ def test_finetune_input_errors(tmp_path, pruned, dataset):
         finetune(pruned, dataset, epochs=1, lr00=0.1)
     with pytest.raises(YoloPruneError, match="epochs"):
         finetune(pruned, dataset, epochs=0)
+    with pytest.raises(YoloPruneError, match="threads must be an integer >= 1"):
+        finetune(pruned, dataset, epochs=1, threads=0)
     with pytest.raises(YoloPruneError, match="no such file"):
         finetune(pruned, tmp_path / "missing.yaml", epochs=1)
     with pytest.raises(YoloPruneError, match="no checkpoint to resume"):

@@ -244,14 +244,19 @@ def test_plan_queue_resumes(experiments, records):
     assert "v8n-lamp-2x" not in queued and "v8n-lamp-3x" not in queued  # done with these params
     assert "11n-lamp-2x" not in queued and "26n-lamp-2x" not in queued  # running, queued
     assert "v8n-bn_scale-2x" in queued and plan.remove == [next(r.task_id for r in records if r.state == "failed")]
-    assert len(queued) == len(experiments) - 4 and plan.stale == []
-    assert queued == [e.name for e in experiments if e.name in queued]  # sweep order kept
+    # 11n-lamp-3x and 26n-lamp-3x wait for the baseline their running and queued 2x experiments train.
+    assert sorted(plan.waiting) == ["11n-lamp-3x", "26n-lamp-3x"]
+    assert len(queued) == len(experiments) - 6 and plan.stale == []
+    assert queued[0] == "v8s-lamp-to-v8n"  # it trains its baseline: ahead of those whose baseline is trained
+    assert queued[1:] == [e.name for e in experiments if e.name in queued[1:]]  # sweep order kept
     # Run with other params than the sweep's now: queued again, the old result to be removed.
     changed = study.plan_queue(experiments, records, profile={**FIXTURE_PROFILE, "baseline.epochs": 80})
     finished = {r.name.removeprefix(study.PREFIX): r.rev for r in records if r.finished and r.name in
                 {e.dvc_name for e in experiments}}
     assert set(finished) == {"v8n-lamp-2x", "v8n-lamp-3x"} and sorted(changed.stale) == sorted(finished.values())
-    assert set(finished) <= {e.name for e in changed.to_queue}
+    # The new baseline is trained once: by the first v8n experiment; the other v8n ones wait for it.
+    assert "v8n-lamp-2x" in [e.name for e in changed.to_queue] and "v8n-lamp-3x" in changed.waiting
+    assert not {e.name for e in changed.to_queue} & {"v8n-lamp-1.5x", "v8n-l1-2x", "v8n-lamp-2x-r16"}
     # An older run of a name with other params (an earlier PROFILE) beside a current one: done, nothing stale.
     done = next(r for r in records if r.name == "study-v8n-lamp-3x")
     older = dataclasses.replace(done, rev="f" * 40, params={**done.params, "baseline": {"epochs": 80}})
@@ -262,6 +267,34 @@ def test_plan_queue_resumes(experiments, records):
     # A name the queue holds for another commit is not queued twice.
     other = study.plan_queue(experiments, records, pending={"study-v8n-l1-2x"}, profile=FIXTURE_PROFILE)
     assert "v8n-l1-2x" not in [e.name for e in other.to_queue]
+
+
+def test_ready_never_trains_one_baseline_twice(experiments):
+    by_name = {e.name: e for e in experiments}
+    profile = {**FIXTURE_PROFILE, "baseline.threads": 1}
+    # Nothing run yet: one experiment per baseline, costliest first; the rest wait.
+    cost = {"yolov8n.yaml": 1.0, "yolo11n.yaml": 3.0, "yolo26n.yaml": 2.0, "yolov8s.yaml": 4.0}
+    first = study.ready(experiments, experiments, (), (), profile, cost=lambda e: cost[e.overrides["model"]])
+    assert [e.name for e in first] == ["v8s-lamp-to-v8n", "11n-lamp-2x", "26n-lamp-2x", "v8n-lamp-2x"]
+    # v8n's baseline trained: every v8n experiment is ready; 11n's is being trained: 11n-lamp-3x waits.
+    rest = [e for e in experiments if e.name not in ("v8n-lamp-2x", "11n-lamp-2x")]
+    now = study.ready(rest, experiments, {"study-v8n-lamp-2x"}, {"study-11n-lamp-2x"}, profile)
+    names = [e.name for e in now]
+    assert names[:2] == ["26n-lamp-2x", "v8s-lamp-to-v8n"] and "11n-lamp-3x" not in names  # trainers first
+    assert set(names[2:]) == {e.name for e in rest if e.overrides["model"] == "yolov8n.yaml"}
+    # What decides a baseline: the model and the baseline's settings, not the pruning or the fine-tune.
+    key = study.baseline_key
+    assert key(by_name["v8n-lamp-2x-ft20"], profile) == key(by_name["v8n-lamp-3x"], profile)
+    assert key(by_name["v8n-lamp-2x"], profile) != key(by_name["11n-lamp-2x"], profile)
+    assert key(study.replicate(), profile) != key(by_name["v8n-lamp-2x"], profile)  # another seed
+    assert key(study.budget_probe()[0], profile) != key(by_name["v8n-lamp-2x"], profile)  # another budget
+
+
+def test_plan_queue_leaves_a_failed_baseline_alone_when_asked(experiments, records):
+    failed = next(r for r in records if r.state == "failed")  # v8n-bn_scale-2x
+    plan = study.plan_queue(experiments, records, profile=FIXTURE_PROFILE, retry_failed=False)
+    assert failed.name.removeprefix(study.PREFIX) in plan.failed and plan.remove == []
+    assert failed.name.removeprefix(study.PREFIX) not in [e.name for e in plan.to_queue]
 
 
 def test_collect_and_missing(experiments, records):
@@ -580,10 +613,43 @@ def test_wait_does_not_wait_for_a_dead_task(monkeypatch, experiments):
     monkeypatch.setattr(study, "dead_tasks", lambda ids, repo=".": {"aaa1111"} & set(ids))
     monkeypatch.setattr(study, "dvc", lambda *argv, **kw: calls.append(argv))
     monkeypatch.setattr(study, "experiments_in", lambda repo=".": [])
+    monkeypatch.setattr(study, "queue", lambda exps, repo=".", retry_failed=True: study.QueuePlan([], [], [], []))
     assert study.wait(experiments, poll_s=0) == []
-    assert calls == [("queue", "start", "-j", "1")]  # one worker: the dead task does not count as running
+    assert calls == [("queue", "start", "-j", "2")]  # the workers start: the dead task does not count as running
     with pytest.raises(StopIteration):
         next(polls)  # returned on the second poll, when only the dead task was left "Running"
+
+
+def test_wait_queues_what_a_finished_baseline_unblocks(monkeypatch, experiments):
+    a, b = "study-v8n-lamp-2x", "study-v8n-lamp-3x"
+    polls = iter([
+        study.QueueStatus([("aaa1111", a, "Running")], 1),
+        study.QueueStatus([("aaa1111", a, "Running")], 1),  # nothing finished: no `queue` call
+        study.QueueStatus([("aaa1111", a, "Success")], 1),  # v8n's baseline trained: v8n-lamp-3x queued
+        study.QueueStatus([("aaa1111", a, "Success"), ("bbb2222", b, "Running")], 1),
+        study.QueueStatus([("aaa1111", a, "Success"), ("bbb2222", b, "Success")], 0),
+    ])
+    plans = iter([
+        study.QueuePlan([], [], [], [], waiting=["v8n-lamp-3x"]),
+        study.QueuePlan([by for by in experiments if by.dvc_name == b], [], [], []),  # none waits any more
+    ])
+    queue_calls, calls = [], []
+    monkeypatch.setattr(study, "queue_status", lambda repo=".": next(polls))
+    monkeypatch.setattr(study, "dead_tasks", lambda ids, repo=".": set())
+    monkeypatch.setattr(study, "dvc", lambda *argv, **kw: calls.append(argv))
+    monkeypatch.setattr(study, "experiments_in", lambda repo=".": [])
+    monkeypatch.setattr(study, "time", type("T", (), {"sleep": staticmethod(lambda s: None)}))
+
+    def fake_queue(exps, repo=".", retry_failed=True):
+        queue_calls.append(retry_failed)
+        return next(plans)
+
+    monkeypatch.setattr(study, "queue", fake_queue)
+    assert study.wait(experiments, poll_s=0) == []
+    assert queue_calls == [False, False]  # the first poll and after one finished; failed ones are left alone
+    assert calls == []  # a worker runs throughout: none started
+    with pytest.raises(StopIteration):
+        next(polls)
 
 
 def test_queue_replaces_a_stale_result_without_forcing_a_rerun(monkeypatch, experiments, records):

@@ -76,7 +76,8 @@ def _finetune(model: Path, args: argparse.Namespace, out_dir: Path, resume: bool
     from yoloprune.finetune import finetune
 
     result = finetune(model, args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
-                      device=str(args.device), out_dir=out_dir, resume=resume, workers=args.workers)
+                      device=str(args.device), out_dir=out_dir, resume=resume, workers=args.workers,
+                      threads=args.threads)
     print(f"fine-tuned {result.epochs} epochs: mAP50 {_fmt(result.map50)}, mAP50-95 {_fmt(result.map50_95)} "
           f"(run: {result.save_dir})")
     return result
@@ -250,6 +251,8 @@ def _training_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--device", default="cpu", help="cpu, 0, or 0,1,... for Ultralytics DDP (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads while training (default: every core)")
     p.add_argument("--project", default="runs/yoloprune", help="run folder parent (default runs/yoloprune)")
 
 

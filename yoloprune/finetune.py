@@ -116,20 +116,21 @@ class PrunedTrainerMixin:
         for event, fns in self.callbacks.items():  # the validator gets this dict: drop integrations for it too
             self.callbacks[event] = [f for f in fns if not _is_integration(f)]
         self.shuffler: EpochShuffle | None = None  # the training loader's sampler, once built (see get_dataloader)
+        self.cpu_threads: int | None = None  # torch threads on the CPU (None: every core); set before train()
         self.callbacks["on_train_epoch_start"].insert(0, seed_epoch)
         if RANK in {-1, 0} and not self.resume:
             for name in (BEST_FP32, RESUME_STATE):  # a previous run's files must not become this run's
                 (self.wdir / name).unlink(missing_ok=True)
 
     def _setup_train(self) -> None:
-        """Set up as Ultralytics does, with torch using every CPU core when training on the CPU.
+        """Set up as Ultralytics does, with torch on ``cpu_threads`` threads when training on the CPU.
 
         ``select_device("cpu")`` gives torch ``os.cpu_count() - 1`` threads: one of two
         cores. Measured here (2 cores, yolov8n, imgsz 160, batch 8): 15 s an epoch of 192
         images on one thread, 9.3 s on two. ``finetune`` restores the count afterwards.
         """
         if self.device.type == "cpu":
-            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+            torch.set_num_threads(cpu_threads(self.cpu_threads))
         super()._setup_train()
 
     def run_callbacks(self, event: str) -> None:
@@ -260,6 +261,20 @@ class EpochShuffle(Sampler[int]):
         generator = torch.Generator()
         generator.manual_seed(epoch_seed(self.seed, self.epoch))
         yield from torch.randperm(self.n, generator=generator).tolist()
+
+
+def cpu_threads(threads: int | None = None) -> int:
+    """Return the torch thread count to train with on the CPU: ``threads``, or every core this process may use.
+
+    The count is a result setting, not only a speed one: the weights a run ends with differ
+    in their last bits between thread counts (measured: five AdamW steps of yolov8n on one
+    and on two threads), so a run is repeated exactly only on as many threads.
+    """
+    if threads is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise YoloPruneError(f"threads must be an integer >= 1 or None (every core), got {threads!r}")
+    return threads
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -418,6 +433,7 @@ def finetune(
     out_dir: str | Path = "runs/finetune",
     resume: bool = False,
     workers: int = 0,
+    threads: int | None = None,
     callbacks: dict[str, list[Callable]] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
@@ -428,7 +444,8 @@ def finetune(
     ``out_dir`` from ``weights/last.pt`` with that run's settings (Ultralytics lets
     only device, workers, batch, imgsz, cache and a few others change). ``workers=0``
     loads batches in the training process, which is what Ultralytics does on CPU
-    anyway. ``callbacks`` adds functions to Ultralytics' trainer events
+    anyway. ``threads`` is torch's thread count on the CPU (None: every core; see
+    ``cpu_threads``). ``callbacks`` adds functions to Ultralytics' trainer events
     (``{"on_fit_epoch_end": [fn]}``); ``overrides`` are other Ultralytics training
     settings (lr0, optimizer, cache, amp, plots, ...).
     """
@@ -438,6 +455,7 @@ def finetune(
     for name, value, low in (("epochs", epochs, 1), ("imgsz", imgsz, 32), ("batch", batch, 1), ("workers", workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise YoloPruneError(f"{name} must be an integer >= {low}, got {value!r}")
+    cpu_threads(threads)  # checked before anything is written
     reserved = sorted(set(overrides) & RESERVED)
     if reserved:
         raise YoloPruneError(f"finetune() sets {', '.join(reserved)} itself; pass the model, data, out_dir and "
@@ -475,6 +493,7 @@ def finetune(
 
     with torch_threads_kept():  # the trainer changes the process-wide torch thread count
         trainer = TRAINERS[task](overrides=args, _callbacks=events)
+        trainer.cpu_threads = threads
         if not resume and RANK in {-1, 0}:
             fingerprint = _fingerprint(model, data, {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides})
             write_json(fingerprint, Path(trainer.save_dir) / SOURCE)

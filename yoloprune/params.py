@@ -22,10 +22,11 @@ SCHEMA: dict[str, Any] = {
     "data": (str,),
     "imgsz": (int,),
     "dataset": {"n_train": (int,), "n_val": (int,), "seed": (int,)},
-    "baseline": {"epochs": (int,), "batch": (int,), "workers": (int,), "args": (dict,)},
+    "baseline": {"epochs": (int,), "batch": (int,), "workers": (int,), "threads": (int, type(None)), "args": (dict,)},
     "prune": {"global_pruning": (bool,), "iterative_steps": (int,), "round_to": (int,),
               "max_layer_ratio": (int, float)},
-    "finetune": {"epochs": (int,), "batch": (int,), "workers": (int,), "device": (str, int), "args": (dict,)},
+    "finetune": {"epochs": (int,), "batch": (int,), "workers": (int,), "threads": (int, type(None)),
+                 "device": (str, int), "args": (dict,)},
     "export": {"opset": (int, type(None))},
     "benchmark": {"iters": (int,), "warmup": (int,), "threads": (int,)},
 }

@@ -8,15 +8,17 @@ dataset and baseline are computed once) and a finished stage is never computed t
 
     python -m yoloprune.study plan      # the experiments and the exact commands; runs nothing
     python -m yoloprune.study queue     # `dvc exp run --queue` each experiment not already queued or done
-    python -m yoloprune.study run       # `dvc queue start -j 1`, then wait for the study's experiments
+    python -m yoloprune.study run       # `dvc queue start -j 2`; queue the rest as baselines finish; wait
     python -m yoloprune.study control   # the equal-budget controls (baselines trained the fine-tune's epochs more)
     python -m yoloprune.study report    # docs/results.md, docs/results.png and docs/study/
     python -m yoloprune.study compare docs OTHER/docs   # two runs side by side: the same within noise?
 
 ``make study`` runs the five in order. It resumes: experiments already queued, running or
-done are skipped, failed ones are queued again, and the queue worker runs in the
+done are skipped, failed ones are queued again, and the queue workers run in the
 background, so an interrupted ``make study`` (Ctrl-C, a closed terminal) loses nothing:
-run it again to continue waiting. ``dvc queue stop --kill`` stops the worker itself.
+run it again to continue waiting. ``dvc queue stop --kill`` stops the workers themselves.
+Two experiments run at once, each training on one thread (``JOBS``); an experiment is
+queued only once its baseline is trained, or to train it, so no baseline is trained twice.
 The report is generated from the experiments' metrics alone, prose included.
 """
 
@@ -60,9 +62,20 @@ WORK_DIR = Path("runs/study")  # scratch space of the controls (git-ignored)
 # with 60 epochs, yolov8n's baseline scored 0.483 and 2x kept "102 %" of it; with 120, 0.570 and 92 % (the probe).
 PROFILE: dict[str, Any] = {
     "baseline.epochs": 120,
+    "baseline.threads": 1,  # one thread per training, JOBS trainings at once (see JOBS)
+    "finetune.threads": 1,
     "benchmark.iters": 100,
     "benchmark.warmup": 10,
 }
+# Experiments run at once by the queue, each training on one thread. Measured here (2 cores, imgsz 160, batch 8, one
+# AdamW step): two one-thread trainings side by side made 17 % (yolov8n), 32 % (yolo11n) and 6 % (yolov8s) more steps
+# a second than one two-thread training, and the data loading, loss and Python work between the convolutions, which
+# one process does on one core anyway, runs on both. An experiment is queued only once its baseline is trained, or to
+# train it (see `ready`): two runs never train the same baseline.
+JOBS = 2
+# The params a baseline stage's result depends on (top-level keys and sections): experiments that agree on all of
+# them share one baseline through DVC's run cache.
+BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")
 
 V8N, V8S, V11N, V26N = "yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo26n.yaml"
 DEFAULT_METHOD = "lamp"
@@ -539,40 +552,98 @@ class QueuePlan:
     to_queue: list[Experiment]
     stale: list[str]  # revs of finished runs with other params than the sweep's now: queued again (see ``queue``)
     remove: list[str]  # task ids of failed runs, removed from the queue before their experiment is queued again
-    skipped: list[str]
+    skipped: list[str]  # queued, running or done
+    waiting: list[str] = field(default_factory=list)  # to queue once another experiment has trained their baseline
+    failed: list[str] = field(default_factory=list)  # failed, left alone (``retry_failed=False``)
+
+
+def baseline_key(e: Experiment, profile: dict[str, Any] | None = None) -> tuple[tuple[str, str], ...]:
+    """Return what decides ``e``'s baseline (its BASELINE_PARAMS overrides): equal keys, one shared baseline."""
+    return tuple(sorted((k, yaml_value(v)) for k, v in e.settings(profile).items()
+                        if k.removeprefix(ADD).split(".")[0] in BASELINE_PARAMS))
+
+
+def ready(candidates: Sequence[Experiment], experiments: Sequence[Experiment], finished: Iterable[str],
+          busy: Iterable[str], profile: dict[str, Any] | None = None,
+          cost: Callable[[Experiment], float] | None = None) -> list[Experiment]:
+    """Return the ``candidates`` to queue now, those that train a baseline first (costliest first), then the others.
+
+    A candidate is ready when a ``finished`` experiment (a DVC name) of ``experiments``
+    has trained its baseline, or when it is the first to train it: no ``busy`` one
+    (queued, running, or failed and left alone) shares its baseline. So experiments run at
+    once (JOBS) never train one baseline twice, and the longest trainings start first.
+    ``cost`` estimates a baseline's training time; without it the sweep's order stands.
+    """
+    finished, busy = set(finished), set(busy)
+    trained = {baseline_key(e, profile) for e in experiments if e.dvc_name in finished}
+    claimed = {baseline_key(e, profile) for e in experiments if e.dvc_name in busy}
+    first, then = [], []
+    for e in candidates:
+        key = baseline_key(e, profile)
+        if key in trained:
+            then.append(e)
+        elif key not in claimed:
+            claimed.add(key)
+            first.append(e)
+    if cost is not None:
+        first.sort(key=cost, reverse=True)
+    return first + then
 
 
 def plan_queue(experiments: Sequence[Experiment], records: Iterable[ExpRecord], pending: Iterable[str] = (),
-               profile: dict[str, Any] | None = None) -> QueuePlan:
-    """Return which experiments to queue: those neither finished with the sweep's params nor queued nor running.
+               profile: dict[str, Any] | None = None, retry_failed: bool = True,
+               cost: Callable[[Experiment], float] | None = None) -> QueuePlan:
+    """Return which experiments to queue: those neither finished with the sweep's params nor queued nor running,
+    whose baseline is trained or that train it (see ``ready``); the others wait.
 
     ``records`` are the current commit's experiments; ``pending`` the names the queue
-    holds as queued or running for any commit.
+    holds as queued or running for any commit. ``retry_failed=False`` leaves failed
+    experiments (and the baseline they were to train) alone.
     """
     by_name: dict[str, list[ExpRecord]] = {}
     for r in records:
         by_name.setdefault(r.name, []).append(r)
     pending = set(pending)
     plan = QueuePlan([], [], [], [])
+    finished: set[str] = set()
+    candidates = []
     for e in experiments:
         recs = by_name.get(e.dvc_name, [])
         if e.dvc_name in pending or any(r.pending for r in recs):
             plan.skipped.append(e.name)
+            pending.add(e.dvc_name)
             continue
         done = [r for r in recs if r.finished]
         # Done when one finished run has the sweep's params now: older runs of the name (another PROFILE, kept
         # on their commits) do not make a current result stale; ``matching`` leaves them out of the report.
         if any(_matches(r.params, e.settings(profile)) for r in done):
             plan.skipped.append(e.name)
+            finished.add(e.dvc_name)
+            continue
+        if not retry_failed and any(r.state == FAILED for r in recs):
+            plan.failed.append(e.name)
+            pending.add(e.dvc_name)
             continue
         plan.stale.extend(r.rev for r in done)
         plan.remove.extend(r.task_id for r in recs if r.state == FAILED and r.task_id)
-        plan.to_queue.append(e)
+        candidates.append(e)
+    plan.to_queue.extend(ready(candidates, experiments, finished, pending, profile, cost))
+    queued = {e.name for e in plan.to_queue}
+    plan.waiting.extend(e.name for e in candidates if e.name not in queued)
     return plan
 
 
-def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePlan:
-    """Queue the study's experiments that are not queued, running or done yet; return what was done."""
+def baseline_cost(e: Experiment, params: dict[str, Any]) -> float:
+    """Return a baseline's training cost in relative units: its model's MACs times its epochs (0 for a .pt)."""
+    p = apply_overrides(params, e.settings())
+    if str(p["model"]).endswith(".pt"):
+        return 0.0
+    return float(model_macs(p["model"], p["imgsz"], dataset_classes(p)) * p["baseline"]["epochs"])
+
+
+def queue(experiments: Sequence[Experiment], repo: str | Path = ".", retry_failed: bool = True) -> QueuePlan:
+    """Queue the study's experiments that are not queued, running or done yet and whose baseline is trained or
+    that train it (see ``ready``); return what was done. ``retry_failed=False`` leaves failed ones alone."""
     _warn_if_dirty(repo)
     _warn_if_uncached(repo)
     records = experiments_in(repo)
@@ -591,7 +662,9 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
             LOGGER.warning("%s: queued from commit %s, whose pipeline differs from HEAD's; removed from the queue",
                            r.name, r.baseline[:7])
             dvc("queue", "kill" if r.state == RUNNING else "remove", r.task_id, repo=repo, check=False)
-    plan = plan_queue(experiments, now, {r.name for r in now if r.pending})
+    params = load_params(Path(repo) / "params.yaml")
+    plan = plan_queue(experiments, now, {r.name for r in now if r.pending}, retry_failed=retry_failed,
+                      cost=lambda e: baseline_cost(e, params))
     for task in plan.remove:
         dvc("queue", "remove", task, repo=repo)
     # Not `exp run --force`, which re-runs every stage past DVC's run cache: a stale result on HEAD (whose name
@@ -605,7 +678,8 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".") -> QueuePla
     for e in plan.to_queue:
         dvc(*e.command(), repo=repo)
         LOGGER.info("queued %s", e.dvc_name)
-    LOGGER.info("%d queued, %d already queued, running or done", len(plan.to_queue), len(plan.skipped))
+    LOGGER.info("%d queued, %d already queued, running or done%s", len(plan.to_queue), len(plan.skipped),
+                f", {len(plan.waiting)} to queue once their baseline is trained" if plan.waiting else "")
     return plan
 
 
@@ -648,14 +722,17 @@ def _warn_if_uncached(repo: str | Path) -> None:
                        "takes many times longer; drop `persist` there for the study", ", ".join(stages))
 
 
-def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: float = 60) -> list[str]:
-    """Start the queue worker (one: experiments share the CPU badly) and wait until none of the study's is pending.
+def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: float = 60, jobs: int = JOBS
+         ) -> list[str]:
+    """Start ``jobs`` queue workers and wait until none of the study's experiments is pending or waiting.
 
-    Return the names of the study's experiments that failed. Interrupting the wait
-    leaves the worker running in the background.
+    Whenever one finishes, the experiments waiting for its baseline are queued (see
+    ``ready``). Return the names of the study's experiments that failed. Interrupting
+    the wait leaves the workers running in the background.
     """
     names = {e.dvc_name for e in experiments}
-    idle_polls, warned, first = 0, set(), True
+    idle_polls, short_polls, warned, first, last_pending = 0, 0, set(), True, None
+    waiting = True  # until a `queue` call says none waits
     while True:
         status = queue_status(repo)
         dead = dead_tasks([t for t, _, s in status.tasks if s.lower() == RUNNING], repo)
@@ -666,24 +743,37 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
         live = [(n, s.lower()) for t, n, s in status.tasks if t not in dead]
         running = {n for n, s in live if s == RUNNING}
         pending = sorted({n for n, s in live if s in (QUEUED, RUNNING)} & names)
+        if waiting and pending != last_pending:  # one finished (or this is the first poll): queue what it unblocked
+            plan = queue(experiments, repo, retry_failed=False)
+            waiting = bool(plan.waiting)
+            if plan.to_queue:  # poll again, soon: the new tasks are pending now, and `pending` is stale
+                last_pending = None
+                time.sleep(min(poll_s, 5))
+                continue
+        last_pending = pending
         if not pending:
             break
+        queued = len(pending) - len(running & names)
         if first and not running and status.workers == 0:  # `queue start` adds a worker even when one runs
-            dvc("queue", "start", "-j", "1", repo=repo, detach=True)
+            dvc("queue", "start", "-j", str(jobs), repo=repo, detach=True)
         first = False
-        # A worker that died (reboot, OOM) leaves tasks queued; restart it once it is gone for three polls in a row
+        # A worker that died (reboot, OOM) leaves tasks queued; restart once none is seen for three polls in a row
         # with nothing running, never sooner: `dvc queue status` may count no worker while one starts or runs a task
-        # (seen with DVC 3.67), and a second worker would run two experiments at once on a CPU meant for one.
+        # (seen with DVC 3.67). A worker also leaves when the queue is empty for a few seconds (before a finished
+        # baseline lets its waiting experiments in): fewer than `jobs` running with tasks queued for three polls in a
+        # row starts the missing one. A worker too many costs little: each training runs on one thread.
         gone = status.workers == 0 and not running
         idle_polls = idle_polls + 1 if gone else 0
-        if idle_polls >= 3:
-            LOGGER.warning("no queue worker is running; starting one")
-            dvc("queue", "start", "-j", "1", repo=repo, detach=True)
-            idle_polls = 0
+        short_polls = short_polls + 1 if queued and len(running) < jobs and not gone else 0
+        if idle_polls >= 3 or short_polls >= 3:
+            LOGGER.warning("fewer queue workers than %d; starting the missing", jobs)
+            dvc("queue", "start", "-j", str(jobs), repo=repo, detach=True)
+            idle_polls = short_polls = 0
         LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
                     ", ".join(sorted(running & names)) or "none yet")
         time.sleep(poll_s)
-    failed = [r for r in experiments_in(repo) if r.name in names and r.state == FAILED]
+    records = experiments_in(repo)
+    failed = [r for r in records if r.name in names and r.state == FAILED]
     for r in failed:
         LOGGER.warning("%s failed; its log: %s (`make study` queues it again)", r.name, r.log)
     return [r.name for r in failed]
@@ -1480,7 +1570,7 @@ def context(records: Sequence[ExpRecord], experiments: Sequence[Experiment], rep
     commits = sorted({r.baseline[:12] for r in records if r.finished and r.name in names and r.baseline})
     commit = ", ".join(commits) or head_commit(repo)[:12] or "unknown"
     commands = [f"dvc {' '.join(e.command())}" for e in experiments]
-    commands += ["dvc queue start -j 1   # one worker: experiments would share 2 CPU cores badly",
+    commands += [f"python -m yoloprune.study run   # dvc queue start -j {JOBS}; queued once its baseline is trained",
                  "python -m yoloprune.study control   # the equal-budget controls (docs/study/*-control.json)",
                  "python -m yoloprune.study report    # this file, results.png, docs/study/"]
     machine, versions, measured_by = {}, {}, ""
@@ -1682,7 +1772,7 @@ def run_control(control: Control, experiments: Sequence[Experiment], repo: str |
     if "workers" in f:
         extra["workers"] = f["workers"]
     result = finetune(baseline, data, epochs=f["epochs"], imgsz=params["imgsz"], batch=f["batch"],
-                      device=str(f["device"]), out_dir=work / "finetune", **extra)
+                      device=str(f["device"]), threads=f.get("threads"), out_dir=work / "finetune", **extra)
     trained = save_model(load_model(result.best), work / "control.pt", {"control_of": dvc_name,
                                                                          "epochs": result.epochs})
     measured = benchmark(trained, imgsz=params["imgsz"], runtime="onnx", data=str(data), iters=b["iters"],
@@ -1720,7 +1810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="print the experiments and the commands that queue them")
     sub.add_parser("queue", help="queue the experiments not yet queued, running or done")
-    run_p = sub.add_parser("run", help="start the queue worker and wait for the study's experiments")
+    run_p = sub.add_parser("run", help=f"start {JOBS} queue workers, queue each experiment once its baseline is "
+                                       "trained, wait for the study's experiments")
     run_p.add_argument("--poll", type=float, default=60, help="seconds between checks of the queue (default 60)")
     sub.add_parser("control", help="train the equal-budget controls")
     sub.add_parser("report", help="write docs/results.md, docs/results.png and docs/study/")
