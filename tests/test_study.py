@@ -394,6 +394,12 @@ def test_control_retention():
     assert by.loc["v8n-lamp-2x", "retention_ctrl"] == pytest.approx(100 * 0.784 / 0.805)
     assert math.isnan(by.loc["v8n-lamp-2x-ft3", "retention_ctrl"])  # 3 epochs: not the control's budget
     assert math.isnan(by.loc["11n-lamp-2x", "retention_ctrl"])  # another baseline
+    # A control that found nothing (mAP 0: a model trained too little) gives no retention, not a crash or infinity.
+    blind = [{**c, "map50_95": 0.0} for c in controls]
+    assert math.isnan(study.with_control(df, blind).set_index("experiment").loc["v8n-lamp-2x", "retention_ctrl"])
+    bt = study.budget_table(df, df.iloc[:0], blind)
+    assert (bt["map_ctrl"] == 0).any() and bt["retention_ctrl"].isna().all()  # the 0 reached the division
+    assert study.percent(1.0, 4.0) == 25.0 and math.isnan(study.percent(1.0, math.nan))
 
 
 def test_report_writes_markdown_and_png(tmp_path):

@@ -924,6 +924,11 @@ def check_targets(df: pd.DataFrame, targets: Sequence[Target] = TARGETS,
     return out
 
 
+def percent(part: float, whole: float) -> float:
+    """Return ``part`` as a percentage of ``whole``; NaN where ``whole`` is 0 or unknown (a model that found nothing)."""
+    return 100 * part / whole if whole and math.isfinite(whole) else math.nan
+
+
 def with_control(df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFrame:
     """Return ``df`` with ``retention_ctrl``: fine-tuned mAP as % of its family's control, at the control's epochs.
 
@@ -935,7 +940,7 @@ def with_control(df: pd.DataFrame, control_results: Sequence[dict]) -> pd.DataFr
     for c in control_results:
         same = (df["baseline_md5"] == c.get("baseline_md5")) & (df["ft_epochs"] == c.get("epochs"))
         df.loc[same, "map_ctrl"] = c.get("map50_95")
-    df["retention_ctrl"] = 100 * df["map_ft"] / df["map_ctrl"]
+    df["retention_ctrl"] = [percent(ft, ctrl) for ft, ctrl in zip(df["map_ft"], df["map_ctrl"], strict=True)]
     return df
 
 
@@ -1226,7 +1231,7 @@ def budget_table(df: pd.DataFrame, probe_df: pd.DataFrame, control_results: Sequ
             rows.append({"family": family(m), "experiment": name, "base_epochs": r.base_epochs,
                          "map_base": r.map_base, "ctrl_epochs": float(c["epochs"]) if ours else math.nan,
                          "map_ctrl": ctrl, "ctrl_gain": ctrl - r.map_base, "map_ft": r.map_ft,
-                         "retention": r.retention, "retention_ctrl": 100 * r.map_ft / ctrl, "achieved": r.achieved})
+                         "retention": r.retention, "retention_ctrl": percent(r.map_ft, ctrl), "achieved": r.achieved})
     return pd.DataFrame(rows, columns=["family", "experiment", "base_epochs", "map_base", "ctrl_epochs", "map_ctrl",
                                        "ctrl_gain", "map_ft", "retention", "retention_ctrl", "achieved"])
 
@@ -1781,7 +1786,8 @@ def run_control(control: Control, experiments: Sequence[Experiment], repo: str |
            "baseline_map50_95": source.metrics.get("metrics/benchmark.json", {}).get("baseline_map50_95"),
            "map50_95": measured.get("map50_95"), "latency_ms": measured["latency_median_ms"], **settings}
     write_json(out, path)
-    LOGGER.info("%s: mAP50-95 %.3f -> %.3f", control.name, out["baseline_map50_95"] or math.nan, out["map50_95"])
+    base = out["baseline_map50_95"]
+    LOGGER.info("%s: mAP50-95 %.3f -> %.3f", control.name, math.nan if base is None else base, out["map50_95"])
     return out
 
 
