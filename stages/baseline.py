@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from yoloprune.curves import TAIL_WINDOW, read_results, results_text, tail_gain
+from yoloprune.curves import TAIL_WINDOW, results_text, tail_gain
 from yoloprune.data import check_data_yaml
 from yoloprune.errors import exit_on_error
 from yoloprune.finetune import can_resume, finetune
@@ -35,4 +35,4 @@ else:
                 # mean mAP50-95 of the last TAIL_WINDOW epochs minus the TAIL_WINDOW before: ~0 once it flattened
                 "map50_95_tail_gain": tail_gain(result.curve), "tail_window": TAIL_WINDOW},
                "metrics/baseline.json")
-    write_text(results_text(read_results(result.results_csv)), CURVES)  # one row an epoch, kept for `dvc plots`
+    write_text(results_text(result.rows), CURVES)  # one row an epoch, kept for `dvc plots`

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from yoloprune.curves import read_results, results_text
+from yoloprune.curves import results_text
 from yoloprune.errors import exit_on_error
 from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json, write_text
@@ -18,4 +18,4 @@ result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], t
                   resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})
 write_json({"epochs": result.epochs, "map50": result.map50, "map50_95": result.map50_95}, "metrics/finetune.json")
-write_text(results_text(read_results(result.results_csv)), "metrics/finetune_curves.csv")  # for `dvc plots`
+write_text(results_text(result.rows), "metrics/finetune_curves.csv")  # for `dvc plots`

@@ -403,14 +403,23 @@ class FinetuneResult:
     best: Path  # fp32, the stage output
     last: Path  # Ultralytics' own (fp16); resumable only while the run is unfinished
     save_dir: Path
-    epochs: int  # epochs completed in the run folder, resumed runs included
     metrics: dict[str, float] = field(default_factory=dict)  # Ultralytics' names, e.g. "metrics/mAP50-95(B)"
-    curve: tuple[float, ...] = ()  # box mAP50-95 of each epoch's validation (empty for a task without boxes)
+    rows: tuple[dict[str, str], ...] = ()  # results.csv, one row per epoch (``read_results``): losses, metrics, lr
 
     @property
     def results_csv(self) -> Path:
         """Return Ultralytics' per-epoch record of the run (losses, metrics, learning rates): its results.csv."""
         return self.save_dir / "results.csv"
+
+    @property
+    def epochs(self) -> int:
+        """Return the epochs completed in the run folder, resumed runs included."""
+        return len(self.rows)
+
+    @property
+    def curve(self) -> tuple[float, ...]:
+        """Return box mAP50-95 of each epoch's validation (empty for a task without boxes)."""
+        return map_curve(self.rows)
 
     @property
     def map50(self) -> float | None:
@@ -552,12 +561,10 @@ def _result(trainer) -> FinetuneResult:
     metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None
     if metrics is None and trainer.best.exists():  # DDP: the launching process trained nothing itself
         metrics = torch_load(trainer.best, map_location="cpu").get("train_metrics") or {}
-    rows = read_results(trainer.csv) if trainer.csv.exists() else []
     return FinetuneResult(
         best=trainer.best,
         last=trainer.last,
         save_dir=Path(trainer.save_dir),
-        epochs=len(rows),
         metrics={k: float(v) for k, v in (metrics or {}).items() if k.startswith("metrics/")},
-        curve=map_curve(rows),
+        rows=tuple(read_results(trainer.csv)) if trainer.csv.exists() else (),
     )

@@ -772,8 +772,7 @@ def wait(experiments: Sequence[Experiment], repo: str | Path = ".", poll_s: floa
         LOGGER.info("%s: %d pending (running: %s)", datetime.now().strftime("%H:%M"), len(pending),
                     ", ".join(sorted(running & names)) or "none yet")
         time.sleep(poll_s)
-    records = experiments_in(repo)
-    failed = [r for r in records if r.name in names and r.state == FAILED]
+    failed = [r for r in experiments_in(repo) if r.name in names and r.state == FAILED]
     for r in failed:
         LOGGER.warning("%s failed; its log: %s (`make study` queues it again)", r.name, r.log)
     return [r.name for r in failed]
