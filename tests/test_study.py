@@ -129,19 +129,22 @@ def test_bad_overrides_fail_at_the_edge(params):
         study.check_params(study.apply_overrides(params, {"finetune.epochs": "5"}))
 
 
-def test_replicate_adds_the_seed_as_dvc_does(experiments, params):
-    replicate = study.replicate()
-    assert replicate.name == "v8n-lamp-2x-seed1" and replicate.dvc_name not in {e.dvc_name for e in experiments}
-    assert replicate in study.probes()  # outside `make study`: its own baseline costs a generation's training
-    sets = [a for i, a in enumerate(replicate.command()) if replicate.command()[i - 1] == "-S"]
-    assert "+baseline.args.seed=1" in sets and "+finetune.args.seed=1" in sets  # DVC's syntax for a new key
-    assert {k: v for k, v in replicate.overrides.items() if not k.startswith("+")} == experiments[0].overrides
-    checked = study.check_params(study.apply_overrides(params, replicate.overrides))
-    assert checked["baseline"]["args"]["seed"] == checked["finetune"]["args"]["seed"] == 1
-    assert "seed" not in params["baseline"]["args"]  # the copy changed, not the original
-    # Queueing compares a finished run's params with the overrides, the '+' left out.
-    assert study._matches(checked, replicate.settings({}))
-    assert not study._matches(params, replicate.settings({}))
+def test_replicates_add_the_seed_as_dvc_does(experiments, params):
+    replicates = study.replicates()
+    assert [r.name for r in replicates] == ["v8n-lamp-2x-seed1", "v8n-lamp-2x-seed2", "v8n-lamp-2x-seed3"]
+    assert tuple(r.name for r in replicates) == study.REPLICATE_NAMES
+    assert not {r.dvc_name for r in replicates} & {e.dvc_name for e in experiments}
+    assert all(r in study.probes() for r in replicates)  # outside `make study`: each baseline costs a generation's
+    for seed, replicate in zip(study.REPLICATE_SEEDS, replicates):
+        sets = [a for i, a in enumerate(replicate.command()) if replicate.command()[i - 1] == "-S"]
+        assert f"+baseline.args.seed={seed}" in sets and f"+finetune.args.seed={seed}" in sets  # DVC's new-key syntax
+        assert {k: v for k, v in replicate.overrides.items() if not k.startswith("+")} == experiments[0].overrides
+        checked = study.check_params(study.apply_overrides(params, replicate.overrides))
+        assert checked["baseline"]["args"]["seed"] == checked["finetune"]["args"]["seed"] == seed
+        assert "seed" not in params["baseline"]["args"]  # the copy changed, not the original
+        # Queueing compares a finished run's params with the overrides, the '+' left out.
+        assert study._matches(checked, replicate.settings({}))
+        assert not study._matches(params, replicate.settings({}))
 
 
 def test_budget_probe_is_each_generations_2x_with_a_shorter_baseline(experiments, params):
@@ -286,7 +289,8 @@ def test_ready_never_trains_one_baseline_twice(experiments):
     key = study.baseline_key
     assert key(by_name["v8n-lamp-2x-ft20"], profile) == key(by_name["v8n-lamp-3x"], profile)
     assert key(by_name["v8n-lamp-2x"], profile) != key(by_name["11n-lamp-2x"], profile)
-    assert key(study.replicate(), profile) != key(by_name["v8n-lamp-2x"], profile)  # another seed
+    seeds = {key(r, profile) for r in study.replicates()}
+    assert len(seeds) == 3 and key(by_name["v8n-lamp-2x"], profile) not in seeds  # each seed: a baseline of its own
     assert key(study.budget_probe()[0], profile) != key(by_name["v8n-lamp-2x"], profile)  # another budget
 
 
@@ -432,8 +436,14 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "the highest retention at 2× was v8n-lamp-2x-r1's 98.2 %" in text
     # v8n-lamp-2x and -ft3 prune to the same widths (5.6 and 5.7 ms); -3x and -3x-ft20 too (4.2 ms both)
     assert "timed up to 1.8% apart (2 such group(s))" in text
-    assert ("baseline mAP50-95 0.800 vs 0.810, fine-tuned 0.784 vs 0.770, retention 98.0 % vs 95.1 % (-2.9 pt), "
-            "latency speed-up 1.79× vs 1.79×") in text
+    # The spread of v8n-lamp-2x over its two runs (the sweep's, seed 1): mean ± sample sd, and what it makes noise.
+    assert ("v8n-lamp-2x over 2 runs that differ only in the training seed" in text
+            and "baseline mAP50-95 0.805 ± 0.007 (range 0.800 to 0.810); fine-tuned mAP50-95 0.777 ± 0.010" in text)
+    tol = 3 * math.sqrt(2) * math.hypot(0.784 - 0.777, 0.77 - 0.777)  # sample sd of two runs: their hypot to the mean
+    assert f"differing by less than {tol:.3f} fine-tuned" in text
+    assert "| v8n-lamp-2x-seed1 | 0.810 | 0.770 | 95.1 % |" in text and "| **sd** | 0.007 | 0.010 |" in text
+    spread = pd.read_csv(tmp_path / "study" / "spread.csv").set_index("figure")
+    assert spread.loc["map_ft", "n"] == 2 and spread.loc["map_ft", "sd"] == pytest.approx(0.014 / math.sqrt(2))
     points = json.loads((tmp_path / "study" / "points.json").read_text())
     assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 11 + 3 + 1
     assert len(pd.read_csv(tmp_path / "study" / "experiments.csv")) == len(df)
@@ -710,7 +720,9 @@ def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
     assert row["diff"] == pytest.approx(0.15) and row["tol"] == study.LATENCY_TOL
     md = study.comparison_md(first, second, table)
     n = len(table)
-    assert md.startswith(f"{n - 9} of {n} figures of {len(first) - 1} experiments agree within noise (mAP50-95 ±0.01")
+    assert md.startswith(f"{n - 9} of {n} figures of {len(first) - 1} experiments agree within noise (baseline "
+                         "mAP50-95 ±0.01, fine-tuned mAP50-95 ±0.01, retention % ±2 pt, MACs speed-up ±0.10%, "
+                         "latency speed-up ±10.0%)")
     for needle in ("Only in the first run: v8s-lamp-to-v8n.", "v8n-lamp-3x fine-tuned mAP50-95 0.73 -> 0.7",
                    "v8n-lamp-2x-r1 settings differ (base_epochs 40 -> 60)", "| v8n-lamp-1.5x | latency speed-up |"):
         assert needle in md, needle
@@ -719,10 +731,91 @@ def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
     (tmp_path / "a" / "study").mkdir(parents=True)
     first.to_csv(tmp_path / "a" / "study" / "experiments.csv", index=False)
     second.to_csv(tmp_path / "b.csv", index=False)
-    assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "b.csv")]) == 1
+    assert study.main(["compare", "--noise", "fixed", str(tmp_path / "a"), str(tmp_path / "b.csv")]) == 1
     assert "| 11n-lamp-2x | latency speed-up |" in capsys.readouterr().out
     assert study.main(["compare", str(tmp_path / "a"), str(tmp_path / "a" / "study" / "experiments.csv")]) == 0
     assert "agree within noise" in capsys.readouterr().out
+
+
+def _seed_runs(map_ft: list[float], achieved: list[float]) -> pd.DataFrame:
+    names = ["v8n-lamp-2x", *study.REPLICATE_NAMES][:len(map_ft)]
+    return pd.DataFrame([_row(n, map_ft=m, achieved=a) for n, m, a in zip(names, map_ft, achieved)])
+
+
+def test_seed_tolerances_are_three_sigma_of_a_two_run_difference():
+    a = _seed_runs([0.70, 0.72, 0.74, 0.72], [2.00, 2.02, 2.04, 2.02])  # sd 0.01633; achieved: sd / mean 0.8165 %
+    b = _seed_runs([0.60, 0.64], [2.0, 2.0])  # sd 0.02828, one degree of freedom
+    sd_a = pd.Series([0.70, 0.72, 0.74, 0.72]).std()
+    tol = study.seed_tolerances(a)
+    assert tol["map_ft"] == pytest.approx(3 * math.sqrt(2) * sd_a)
+    assert tol["achieved"] == pytest.approx(3 * math.sqrt(2) * sd_a / 2.02)  # relative to the mean, 2.02
+    assert "map_base" in tol and tol["map_base"] == 0.0  # every seed run has the same baseline here: no spread
+    pooled = study.seed_tolerances(a, b)["map_ft"]  # variances weighted by degrees of freedom: 3 and 1
+    assert pooled == pytest.approx(3 * math.sqrt(2 * (3 * sd_a ** 2 + 0.04 ** 2 / 2) / 4))
+    assert study.seed_tolerances(a.iloc[:1]) == {} and study.seed_tolerances(pd.DataFrame()) == {}
+    spread = study.seed_spread(a).set_index("figure")
+    assert spread.loc["map_ft", "n"] == 4 and spread.loc["map_ft", "sd"] == pytest.approx(sd_a)
+    assert spread.loc["map_ft", "min"] == 0.70 and spread.loc["map_ft", "max"] == 0.74
+    assert not len(study.seed_spread(a[a["experiment"] != "v8n-lamp-2x"].iloc[:1]))  # one run: no spread
+
+
+def test_measured_noise_widens_a_tolerance_never_narrows_it():
+    first, _ = _table()
+    second = first.copy()
+    at = second["experiment"].eq
+    second.loc[at("v8n-lamp-3x"), "map_ft"] -= 0.03
+    second.loc[at("11n-lamp-2x"), "map_ft"] += 0.005
+    fixed = study.compare_runs(first, second)
+    wide = study.compare_runs(first, second, measured={"map_ft": 0.04, "map_base": 0.001})
+    def within(t, name):
+        return bool(t[(t["experiment"] == name) & (t["figure"] == "fine-tuned mAP50-95")]["within"].iloc[0])
+    assert not within(fixed, "v8n-lamp-3x") and within(wide, "v8n-lamp-3x")  # 0.03 < 0.04: noise, once measured
+    assert within(wide, "11n-lamp-2x")
+    tols = wide.drop_duplicates("figure").set_index("figure")["tol"]
+    assert tols["fine-tuned mAP50-95"] == 0.04 and tols["baseline mAP50-95"] == study.MAP_TOL  # never below fixed
+    assert tols["latency speed-up"] == study.LATENCY_TOL
+    assert "Tolerances: the fixed ones, widened to 3 standard deviations" in study.tolerance_basis({"x": 1.0}, first)
+    assert "no run holds two or more seed runs" in study.tolerance_basis({}, first, second)
+
+
+def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsys):
+    first = _seed_runs([0.70, 0.72, 0.74, 0.72], [2.0, 2.0, 2.0, 2.0])
+    second = first.copy()
+    second.loc[0, "map_ft"] = 0.75  # +0.05: beyond the fixed 0.01, within 3 sigma (0.069) of the measured noise
+    for name, table, machine in (("a", first, {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 25 model 1",
+                                                "torch_cpu_capability": "AVX2"}),
+                                 ("b", second, {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 26 model 2",
+                                                "torch_cpu_capability": "AVX512"})):
+        (tmp_path / name / "study").mkdir(parents=True)
+        table.to_csv(tmp_path / name / "study" / "experiments.csv", index=False)
+        (tmp_path / name / "study" / "latency.json").write_text(json.dumps({"machine": machine}))
+    out = tmp_path / "cmp" / "reproduction.md"
+    out.parent.mkdir()
+    args = [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
+    assert study.main(["compare", *args]) == 0
+    md = capsys.readouterr().out
+    assert md == out.read_text() and md.startswith("20 of 20 figures of 4 experiments agree within noise")
+    assert "Tolerances: the fixed ones, widened to 3 standard deviations" in md and "4 and 4 runs of v8n-lamp-2x" in md
+    assert ("first run AMD EPYC, AuthenticAMD cpu family 25 model 1, AVX2; second run AMD EPYC, AuthenticAMD cpu "
+            "family 26 model 2, AVX512. The machines differ") in md
+    assert study.main(["compare", "--noise", "fixed", *args]) == 1  # the fixed 0.01 alone calls it a move
+    assert "v8n-lamp-2x fine-tuned mAP50-95 0.7 -> 0.75" in capsys.readouterr().out
+    assert "Not recorded for both runs" in study.machines_compared({"cpu": "AMD EPYC"}, {"cpu": "AMD EPYC"})
+    assert "differ" not in study.machines_compared({"cpu": "x", "cpu_id": "a", "torch_cpu_capability": "AVX2"},
+                                                    {"cpu": "x", "cpu_id": "a", "torch_cpu_capability": "AVX2"})
+    assert study.machine_of(tmp_path / "missing") == {}
+
+
+def test_cpu_identity_reads_vendor_family_model_and_the_kernels(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nstepping\t: 1\n")
+    got = study.cpu_identity(cpuinfo)
+    assert got["cpu_id"] == "AuthenticAMD cpu family 26 model 2 stepping 1"
+    import torch
+
+    assert got["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "cpu_id" not in study.cpu_identity(tmp_path / "absent")
 
 
 def test_compare_refuses_what_is_not_a_table(tmp_path, capsys):

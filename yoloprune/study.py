@@ -86,7 +86,10 @@ GENERATION_SPEED_UPS = (2.0, 3.0)
 ROUND_TOS = (1, 16)  # at 2x, besides params.yaml's prune.round_to (8)
 FEW_EPOCHS, LONG_EPOCHS = 3, 20  # fine-tune budgets at 2x besides 0 (the pruned model) and params.yaml's
 FRONTIER = (V8S, V8N)  # prune the first to the second's MACs; the second trained from scratch is the rival
-REPLICATE_SEED = 1  # the default experiment again with this training seed: how far results move by chance alone
+# The default experiment again with each of these training seeds (the sweep's is params.yaml's, 0): how far results
+# move by chance alone. Three, so that the spread is a standard deviation over four runs, not one pair's difference:
+# the yardstick `compare` holds two runs of the study against (see `seed_tolerances`).
+REPLICATE_SEEDS = (1, 2, 3)
 PROBE_EPOCHS = 60  # the budget probe trains each generation's baseline this long: half PROFILE's
 PLATEAU_TOL = 0.01  # a control gaining less mAP50-95 than this says its baseline had plateaued
 ADD = "+"  # an override key starting with it adds a key params.yaml lacks (DVC's `-S +key=value`)
@@ -106,7 +109,7 @@ def exp_name(model: str, method: str, speed_up: float, suffix: str = "") -> str:
 DEFAULT = exp_name(V8N, DEFAULT_METHOD, 2.0)  # params.yaml's settings: the row several analyses share
 FRONTIER_NAME = f"{family(FRONTIER[0])}-{DEFAULT_METHOD}-to-{family(FRONTIER[1])}"
 REMEDY_SUFFIX = f"-ft{LONG_EPOCHS}"  # the remedy tried where the 3x targets are missed: a longer fine-tune
-REPLICATE_NAME = exp_name(V8N, DEFAULT_METHOD, 2.0, f"-seed{REPLICATE_SEED}")
+REPLICATE_NAMES = tuple(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-seed{s}") for s in REPLICATE_SEEDS)
 PROBE_SUFFIX = f"-e{PROBE_EPOCHS}"
 
 
@@ -179,15 +182,19 @@ def sweep(frontier_speed_up: float) -> list[Experiment]:
     return experiments
 
 
-def replicate() -> Experiment:
-    """Return the seed replicate: the default experiment again, another seed for the baseline and the fine-tune.
+def replicates() -> list[Experiment]:
+    """Return the seed replicates: the default experiment again, another seed for the baseline and the fine-tune.
 
-    It says how far a result moves by chance alone. It is a probe (``make study-probe``),
-    not part of the sweep: its own baseline costs as much training as a generation's.
+    They say how far a result moves by chance alone. They are probes (``make
+    study-probe``), not part of the sweep: each one's baseline costs as much training as a
+    generation's.
     """
-    seeds = {f"{ADD}{stage}.args.seed": REPLICATE_SEED for stage in ("baseline", "finetune")}
-    return exp(f"run-to-run spread: {DEFAULT} with seed {REPLICATE_SEED} for the baseline's training and the "
-               "fine-tune", suffix=f"-seed{REPLICATE_SEED}", **seeds)
+    out = []
+    for seed in REPLICATE_SEEDS:
+        seeds = {f"{ADD}{stage}.args.seed": seed for stage in ("baseline", "finetune")}
+        out.append(exp(f"run-to-run spread: {DEFAULT} with seed {seed} for the baseline's training and the "
+                       "fine-tune", suffix=f"-seed{seed}", **seeds))
+    return out
 
 
 def generation_remedies() -> list[Experiment]:
@@ -201,9 +208,9 @@ def generation_remedies() -> list[Experiment]:
 
 
 def probes() -> list[Experiment]:
-    """Return the checks on the study itself, outside ``make study``: the budget probe, the seed replicate and
+    """Return the checks on the study itself, outside ``make study``: the budget probe, the seed replicates and
     the remedy for every generation."""
-    return [*budget_probe(), replicate(), *generation_remedies()]
+    return [*budget_probe(), *replicates(), *generation_remedies()]
 
 
 def budget_probe() -> list[Experiment]:
@@ -1015,10 +1022,38 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
         factories[md5] = functools.partial(onnx_runner, local, imgsz, 1, threads=threads)
     LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(factories), rounds, iters)
     record = {"settings": settings, "median_ms": interleaved_medians(factories, rounds, iters, warmup),
-              "machine": machine_info(torch.device("cpu")), "versions": library_versions("onnx"),
+              "machine": {**machine_info(torch.device("cpu")), **cpu_identity()}, "versions": library_versions("onnx"),
               "timed_at": datetime.now().astimezone().isoformat(timespec="seconds")}
     write_json(record, path)
     return record
+
+
+CPU_IDENTITY_KEYS = ("cpu_id", "torch_cpu_capability")
+
+
+def cpu_identity(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """Return what decides the CPU kernels torch runs: the CPU's vendor, family, model and stepping, and torch's ISA.
+
+    Two machines that differ in these can run other kernels (AVX2 or AVX-512, other
+    blockings), whose float sums round otherwise: a study's training is deterministic on
+    one of them, not across them. Keys absent where the system does not say.
+    """
+    import torch
+
+    out: dict[str, str] = {}
+    try:
+        fields = dict(line.split(":", 1) for line in Path(cpuinfo).read_text().splitlines()[:30] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        parts = [fields.get("vendor_id")] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping")
+                                             if k in fields]
+        if all(parts):
+            out["cpu_id"] = " ".join(p for p in parts if p)
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    if capability is not None:
+        out["torch_cpu_capability"] = str(capability())
+    return out
 
 
 def control_latency(control_results: Sequence[dict], df: pd.DataFrame) -> list[dict]:
@@ -1138,18 +1173,47 @@ def _budget(df: pd.DataFrame) -> list[tuple[float, float]]:
     return sorted(out)
 
 
+def seed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Return the finished runs of the default experiment and its seed replicates (``REPLICATE_NAMES``)."""
+    return df[df["experiment"].isin([DEFAULT, *REPLICATE_NAMES])] if "experiment" in df else df.iloc[:0]
+
+
+def seed_spread(df: pd.DataFrame) -> pd.DataFrame:
+    """Return the default experiment's spread over training seeds: one row per compared figure (``COMPARED``).
+
+    Columns: figure (the experiments table's column), label, kind, n (runs), mean, sd
+    (sample standard deviation), min and max. Empty while fewer than two runs finished.
+    """
+    runs = seed_runs(df)
+    rows = []
+    for col, (label, kind) in COMPARED.items():
+        values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
+        if len(values) >= 2:
+            rows.append({"figure": col, "label": label, "kind": kind, "n": len(values), "mean": values.mean(),
+                         "sd": values.std(ddof=1), "min": values.min(), "max": values.max()})
+    return pd.DataFrame(rows, columns=["figure", "label", "kind", "n", "mean", "sd", "min", "max"])
+
+
 def _spread(df: pd.DataFrame) -> str:
-    """Say how far the default experiment moves when only the training seed changes (see REPLICATE_SEED)."""
-    a, b = _row(df, DEFAULT), _row(df, REPLICATE_NAME)
-    if a is None or b is None:
-        return _pending([n for n, r in ((DEFAULT, a), (REPLICATE_NAME, b)) if r is None])
-    accuracy = (f"{DEFAULT} run again with seed {REPLICATE_SEED} for the baseline's training and the fine-tune "
-                f"(same data, same settings, same initial weights): baseline mAP50-95 {a.map_base:.3f} vs "
-                f"{b.map_base:.3f}, fine-tuned {a.map_ft:.3f} vs {b.map_ft:.3f}, retention {a.retention:.1f} % vs "
-                f"{b.retention:.1f} % ({b.retention - a.retention:+.1f} pt), latency speed-up {a.lat_speed_up:.2f}× "
-                f"vs {b.lat_speed_up:.2f}×. One pair of runs, not a spread: read differences between other rows "
-                "against it.")
+    """Say how far the default experiment moves when only the training seed changes (see REPLICATE_SEEDS)."""
+    spread = seed_spread(df)
     timing = _timing_spread(df)
+    if not len(spread):
+        pending = _pending([n for n in (DEFAULT, *REPLICATE_NAMES) if _row(df, n) is None])
+        return f"{timing} Accuracy: {pending}" if timing else pending
+    specs = {"map": ".3f", "pt": ".1f", "macs": ".3f", "latency": ".2f"}
+    units = {"pt": " %", "macs": "×", "latency": "×"}
+    figures = "; ".join(f"{r.label} {r.mean:{specs[r.kind]}}{units.get(r.kind, '')} ± {r.sd:{specs[r.kind]}} "
+                        f"(range {r.min:{specs[r.kind]}} to {r.max:{specs[r.kind]}})" for r in spread.itertuples())
+    n = int(spread["n"].max())
+    tol = seed_tolerances(df).get("map_ft")
+    accuracy = (f"{DEFAULT} over {n} runs that differ only in the training seed of the baseline and the fine-tune "
+                f"(the sweep's and seeds {', '.join(map(str, REPLICATE_SEEDS))}; mean ± standard deviation): "
+                f"{figures}.")
+    if tol is not None:
+        accuracy += (f" Two runs of one setting differing by less than {tol:.3f} fine-tuned mAP50-95 "
+                     f"({NOISE_SIGMAS:g} standard deviations of a two-run difference) are within this noise; "
+                     "settings that prune harder or by a weaker criterion may spread wider.")
     return f"{timing} Accuracy: {accuracy}" if timing else accuracy
 
 
@@ -1466,6 +1530,14 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
         "",
         _budget_md(budget),
         "",
+        "## Run-to-run spread",
+        "",
+        (f"{DEFAULT} run again with training seeds {', '.join(map(str, REPLICATE_SEEDS))} for the baseline and the "
+         "fine-tune (`make study-probe`, not part of `make study`), beside the sweep's run: the noise that "
+         "`python -m yoloprune.study compare` holds two runs of the study against (`docs/study/spread.csv`)."),
+        "",
+        _spread_md(df),
+        "",
     ]
     if ctx.missing:
         lines += ["## Not finished", "", md_table([[n, s] for n, s in ctx.missing.items()], ["experiment", "state"]),
@@ -1523,6 +1595,20 @@ def _controls_table(control_results: Sequence[dict]) -> str:
                            "latency ms"])
 
 
+def _spread_md(df: pd.DataFrame) -> str:
+    runs = seed_runs(df)
+    if len(runs) < 2:
+        return _pending([n for n in (DEFAULT, *REPLICATE_NAMES) if _row(df, n) is None])
+    rows = [[r.experiment, _fmt(r.map_base, "{:.3f}"), _fmt(r.map_ft, "{:.3f}"), _fmt(r.retention, "{:.1f} %"),
+             _fmt(r.achieved, "{:.3f}×"), _fmt(r.lat_speed_up, "{:.2f}×")] for r in runs.itertuples()]
+    spread = seed_spread(df).set_index("figure")
+    for stat in ("mean", "sd"):
+        rows.append([f"**{stat}**", *(_fmt(spread[stat].get(col), spec) for col, spec in
+                                      (("map_base", "{:.3f}"), ("map_ft", "{:.3f}"), ("retention", "{:.1f} %"),
+                                       ("achieved", "{:.3f}×"), ("lat_speed_up", "{:.2f}×")))])
+    return md_table(rows, ["run", "mAP50-95 base", "fine-tuned", "retention", "MACs speed-up", "latency speed-up"])
+
+
 def _budget_md(pl: pd.DataFrame) -> str:
     if not len(pl):
         return ""
@@ -1535,7 +1621,7 @@ def _budget_md(pl: pd.DataFrame) -> str:
 
 def write_report(df: pd.DataFrame, control_results: Sequence[dict], ctx: Context, out_dir: str | Path = OUT_DIR,
                  probe_df: pd.DataFrame | None = None, probe_controls: Sequence[dict] = ()) -> tuple[Path, Path]:
-    """Write ``results.md``, ``results.png`` and ``study/{experiments,budget}.csv, points.json`` under ``out_dir``.
+    """Write ``results.md``, ``results.png`` and ``study/{experiments,budget,spread}.csv, points.json`` under ``out_dir``.
 
     ``probe_df`` and ``probe_controls`` are the budget probe's rows and controls, if
     any. Every file is written atomically. Return the paths of the markdown and the PNG.
@@ -1553,6 +1639,8 @@ def write_report(df: pd.DataFrame, control_results: Sequence[dict], ctx: Context
         df.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_dir / "study" / "budget.csv") as tmp:
         bt.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out_dir / "study" / "spread.csv") as tmp:
+        seed_spread(df).to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_dir / "study" / "points.json") as tmp:
         tmp.write_text(pts.to_json(orient="records", indent=2) + "\n")
     return md, png
@@ -1603,7 +1691,7 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
     """Collect the finished experiments and controls and write the report; return the markdown and PNG paths."""
     records = matching(current(experiments_in(repo), repo), [*experiments, *probes()])
     # The replicate's and the remedies' rows, when there are, with the sweep's.
-    df = collect(records, [*experiments, replicate(), *generation_remedies()])
+    df = collect(records, [*experiments, *replicates(), *generation_remedies()])
     ctx = context(records, experiments, repo)
     if len(df):
         threads = int(next((r.params.get("benchmark", {}).get("threads", 2) for r in records if r.finished), 2))
@@ -1634,6 +1722,30 @@ RETENTION_TOL = 2.0  # points: MAP_TOL on a ~0.5 baseline
 LATENCY_TOL = 0.10  # relative: ONNX files of the same widths were timed up to ~10 % apart in one interleaved pass
 MACS_TOL = 0.001  # relative: pruning is deterministic given the same baseline
 SETTINGS = ("model", "method", "target", "imgsz", "round_to", "ft_epochs", "base_epochs")  # must agree to compare
+# A difference of two runs beyond this many of its standard deviations (from the seed replicates) is not chance:
+# about 0.3 % of figures would cross it by chance alone if the noise were normal.
+NOISE_SIGMAS = 3.0
+
+
+def seed_tolerances(*tables: pd.DataFrame, sigmas: float = NOISE_SIGMAS) -> dict[str, float]:
+    """Return a tolerance per compared column (``COMPARED``) from the seed replicates the experiments tables hold.
+
+    The tolerance is ``sigmas`` standard deviations of the difference of two runs:
+    ``sigmas * sqrt(2) * sd``, with one run's sd pooled over the tables (each table's
+    variance weighted by its degrees of freedom) and taken relative to the mean for the
+    ratio kinds (``RELATIVE``), as ``compare_runs`` compares them. A column no table has
+    two seed runs of is left out.
+    """
+    pooled: dict[str, list[tuple[float, int]]] = {}
+    for table in tables:
+        runs = seed_runs(table)
+        for col, (_, kind) in COMPARED.items():
+            values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
+            if len(values) >= 2:
+                scaled = values / values.mean() if kind in RELATIVE else values
+                pooled.setdefault(col, []).append((float(scaled.var(ddof=1)), len(values) - 1))
+    return {col: sigmas * math.sqrt(2 * sum(v * dof for v, dof in parts) / sum(dof for _, dof in parts))
+            for col, parts in pooled.items()}
 
 
 def read_experiments(path: str | Path) -> pd.DataFrame:
@@ -1655,15 +1767,18 @@ def read_experiments(path: str | Path) -> pd.DataFrame:
 
 
 def compare_runs(old: pd.DataFrame, new: pd.DataFrame, map_tol: float = MAP_TOL, retention_tol: float = RETENTION_TOL,
-                 latency_tol: float = LATENCY_TOL) -> pd.DataFrame:
+                 latency_tol: float = LATENCY_TOL, measured: dict[str, float] | None = None) -> pd.DataFrame:
     """Return every compared figure (``COMPARED``) of the experiments both runs have, old beside new.
 
     Columns: experiment, figure, kind, old, new, diff (new - old; relative for ratios),
     tol and ``within`` (the difference is inside its tolerance: the noise between two
     runs). A figure one run lacks is not within; so is every figure of an experiment
     whose settings (``SETTINGS``) differ between the runs, which has a row of its own.
+    ``measured`` (column -> tolerance, ``seed_tolerances``) widens a figure's fixed
+    tolerance to the noise measured for it; it never narrows one.
     """
     tols = {"map": map_tol, "pt": retention_tol, "latency": latency_tol, "macs": MACS_TOL}
+    measured = measured or {}
     both = old.merge(new, on="experiment", suffixes=("_old", "_new"))
     rows = []
     for r in both.itertuples(index=False):
@@ -1679,24 +1794,26 @@ def compare_runs(old: pd.DataFrame, new: pd.DataFrame, map_tol: float = MAP_TOL,
             if pd.isna(a) and pd.isna(b):
                 continue
             diff = (b / a - 1 if kind in RELATIVE else b - a) if not (pd.isna(a) or pd.isna(b)) else math.nan
+            tol = max(tols[kind], measured.get(col, 0.0))
             rows.append({"experiment": r.experiment, "figure": label, "kind": kind, "old": float(a), "new": float(b),
-                         "diff": float(diff), "tol": tols[kind],
-                         "within": not changed and not math.isnan(diff) and abs(diff) <= tols[kind] + 1e-12,
-                         "note": ""})
+                         "diff": float(diff), "tol": tol,
+                         "within": not changed and not math.isnan(diff) and abs(diff) <= tol + 1e-12, "note": ""})
     return pd.DataFrame(rows, columns=["experiment", "figure", "kind", "old", "new", "diff", "tol", "within", "note"])
 
 
-def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> str:
-    """Return the comparison as markdown: the verdict, what moved, the experiments only one run has, and the table."""
+def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, basis: Sequence[str] = ()) -> str:
+    """Return the comparison as markdown: the verdict, what moved, the experiments only one run has, and the table.
+
+    ``basis``: sentences that say where the tolerances come from and what the runs ran on.
+    """
     only_old = sorted(set(old["experiment"]) - set(new["experiment"]))
     only_new = sorted(set(new["experiment"]) - set(old["experiment"]))
-    tols = table.drop_duplicates("kind").set_index("kind")["tol"].to_dict()
-    names = {"map": "mAP50-95 ±{:g}", "pt": "retention ±{:g} pt", "latency": "latency speed-up ±{:.0%}",
-             "macs": "MACs speed-up ±{:.1%}"}
-    bounds = ", ".join(spec.format(tols[k]) for k, spec in names.items() if k in tols)
+    specs = {"map": "±{:.3g}", "pt": "±{:.3g} pt", "latency": "±{:.1%}", "macs": "±{:.2%}"}
+    figures = table[table["kind"] != "settings"].drop_duplicates("figure")
+    bounds = ", ".join(f"{r.figure} {specs[r.kind].format(r.tol)}" for r in figures.itertuples())
     verdict = (f"{int(table['within'].sum())} of {len(table)} figures of {table['experiment'].nunique()} "
                f"experiments agree within noise{f' ({bounds})' if bounds else ''}.")
-    lines = [verdict]
+    lines = [verdict, *basis]
     outside = table[~table["within"]]
     if len(outside):
         lines.append("Outside: " + "; ".join(r.note and f"{r.experiment} settings differ ({r.note})" or
@@ -1717,6 +1834,45 @@ def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> 
     return "\n\n".join([*lines, md_table([fmt(r) for r in table.itertuples()],
                                           ["experiment", "figure", "first run", "second run", "difference",
                                            "within noise"])]) + "\n"
+
+
+def tolerance_basis(measured: dict[str, float], *tables: pd.DataFrame) -> str:
+    """Say where ``compare_runs``' tolerances came from: the fixed ones, widened by ``measured`` if any."""
+    if not measured:
+        return ("Tolerances: the fixed ones; no run holds two or more seed runs of "
+                f"{DEFAULT} to measure the noise with (`make study-probe` runs them).")
+    counts = " and ".join(str(len(seed_runs(t))) for t in tables)
+    return (f"Tolerances: the fixed ones, widened to {NOISE_SIGMAS:g} standard deviations of a two-run difference "
+            f"where the seed replicates measured more noise ({counts} runs of {DEFAULT} that differ only in the "
+            "training seed).")
+
+
+def machine_of(path: str | Path) -> dict[str, Any]:
+    """Return the machine a report's latency pass ran on (``study/latency.json`` beside its table), or {}."""
+    path = Path(path)
+    latency = path / "study" / "latency.json" if path.is_dir() else path.with_name("latency.json")
+    try:
+        return dict(json.loads(latency.read_text()).get("machine") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def machines_compared(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """Say what the two runs were timed on, and whether that differs in what decides the kernels."""
+    keys = ("cpu", *CPU_IDENTITY_KEYS)
+
+    def name(m: dict[str, Any]) -> str:
+        return ", ".join(str(m[k]) for k in keys if m.get(k)) or "unrecorded"
+
+    line = f"Timed on: first run {name(first)}; second run {name(second)}."
+    known = [k for k in keys if first.get(k) and second.get(k)]
+    if any(first[k] != second[k] for k in known):
+        line += (" The machines differ: other kernels round float sums otherwise, which over a baseline's training "
+                 "grows into other weights, and the same ONNX file times otherwise, so latency ratios may move "
+                 "beyond one machine's noise.")
+    elif not all(first.get(k) and second.get(k) for k in CPU_IDENTITY_KEYS):
+        line += " Not recorded for both runs: whether they ran the same kernels is unknown."
+    return line
 
 
 def reproduced(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> bool:
@@ -1829,14 +1985,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help=f"retention tolerance in points (default {RETENTION_TOL:g})")
     cmp_p.add_argument("--latency-tol", type=float, default=LATENCY_TOL,
                        help=f"relative latency speed-up tolerance (default {LATENCY_TOL})")
+    cmp_p.add_argument("--noise", choices=("seeds", "fixed"), default="seeds",
+                       help=f"seeds (default): widen each tolerance to {NOISE_SIGMAS:g} standard deviations of a "
+                            "two-run difference where the runs' seed replicates measured more; fixed: the fixed "
+                            "tolerances alone")
+    cmp_p.add_argument("--out", help="also write the comparison (markdown) to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "compare":
             first, second = read_experiments(args.first), read_experiments(args.second)
             tols = {"map_tol": args.map_tol, "retention_tol": args.retention_tol, "latency_tol": args.latency_tol}
-            table = compare_runs(first, second, **tols)
-            print(comparison_md(first, second, table), end="")
+            measured = seed_tolerances(first, second) if args.noise == "seeds" else {}
+            table = compare_runs(first, second, **tols, measured=measured)
+            basis = [tolerance_basis(measured, first, second),
+                     machines_compared(machine_of(args.first), machine_of(args.second))]
+            md = comparison_md(first, second, table, basis)
+            if args.out:
+                with atomic_path(args.out) as tmp:
+                    tmp.write_text(md)
+            print(md, end="")
             return 0 if reproduced(first, second, table) else 1
         experiments = study_sweep(args.params, probe=args.probe and args.command != "report")
         if args.command == "plan":
