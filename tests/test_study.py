@@ -131,14 +131,18 @@ def test_bad_overrides_fail_at_the_edge(params):
 
 def test_replicates_add_the_seed_as_dvc_does(experiments, params):
     replicates = study.replicates()
-    assert [r.name for r in replicates] == ["v8n-lamp-2x-seed1", "v8n-lamp-2x-seed2", "v8n-lamp-2x-seed3"]
-    assert tuple(r.name for r in replicates) == study.REPLICATE_NAMES
+    assert [r.name for r in replicates] == ["v8n-lamp-2x-seed1", "v8n-lamp-2x-seed2", "v8n-lamp-2x-seed3",
+                                            "11n-lamp-2x-seed1", "26n-lamp-2x-seed1"]
+    assert study.REPLICATE_GROUPS["26n-lamp-2x"] == ("26n-lamp-2x-seed1",)
     assert not {r.dvc_name for r in replicates} & {e.dvc_name for e in experiments}
     assert all(r in study.probes() for r in replicates)  # outside `make study`: each baseline costs a generation's
-    for seed, replicate in zip(study.REPLICATE_SEEDS, replicates):
+    by_name = {e.name: e for e in experiments}
+    for replicate in replicates:
+        source, seed = replicate.name.rsplit("-seed", 1)
         sets = [a for i, a in enumerate(replicate.command()) if replicate.command()[i - 1] == "-S"]
         assert f"+baseline.args.seed={seed}" in sets and f"+finetune.args.seed={seed}" in sets  # DVC's new-key syntax
-        assert {k: v for k, v in replicate.overrides.items() if not k.startswith("+")} == experiments[0].overrides
+        assert {k: v for k, v in replicate.overrides.items() if not k.startswith("+")} == by_name[source].overrides
+        seed = int(seed)
         checked = study.check_params(study.apply_overrides(params, replicate.overrides))
         assert checked["baseline"]["args"]["seed"] == checked["finetune"]["args"]["seed"] == seed
         assert "seed" not in params["baseline"]["args"]  # the copy changed, not the original
@@ -290,7 +294,7 @@ def test_ready_never_trains_one_baseline_twice(experiments):
     assert key(by_name["v8n-lamp-2x-ft20"], profile) == key(by_name["v8n-lamp-3x"], profile)
     assert key(by_name["v8n-lamp-2x"], profile) != key(by_name["11n-lamp-2x"], profile)
     seeds = {key(r, profile) for r in study.replicates()}
-    assert len(seeds) == 3 and key(by_name["v8n-lamp-2x"], profile) not in seeds  # each seed: a baseline of its own
+    assert len(seeds) == 5 and key(by_name["v8n-lamp-2x"], profile) not in seeds  # each seed: a baseline of its own
     assert key(study.budget_probe()[0], profile) != key(by_name["v8n-lamp-2x"], profile)  # another budget
 
 
@@ -437,12 +441,13 @@ def test_report_writes_markdown_and_png(tmp_path):
     # v8n-lamp-2x and -ft3 prune to the same widths (5.6 and 5.7 ms); -3x and -3x-ft20 too (4.2 ms both)
     assert "timed up to 1.8% apart (2 such group(s))" in text
     # The spread of v8n-lamp-2x over its two runs (the sweep's, seed 1): mean ± sample sd, and what it makes noise.
-    assert ("v8n-lamp-2x over 2 runs that differ only in the training seed" in text
-            and "baseline mAP50-95 0.805 ± 0.007 (range 0.800 to 0.810); fine-tuned mAP50-95 0.777 ± 0.010" in text)
+    assert ("v8n-lamp-2x over 2 runs: baseline mAP50-95 0.805 ± 0.007 (0.800 to 0.810), fine-tuned mAP50-95 "
+            "0.777 ± 0.010 (0.770 to 0.784)") in text
     tol = 3 * math.sqrt(2) * math.hypot(0.784 - 0.777, 0.77 - 0.777)  # sample sd of two runs: their hypot to the mean
     assert f"differing by less than {tol:.3f} fine-tuned" in text
-    assert "| v8n-lamp-2x-seed1 | 0.810 | 0.770 | 95.1 % |" in text and "| **sd** | 0.007 | 0.010 |" in text
+    assert "| v8n-lamp-2x-seed1 | 0.810 | 0.770 | 95.1 % |" in text and "| **sd** (v8n-lamp-2x) | 0.007 | 0.010 |" in text
     spread = pd.read_csv(tmp_path / "study" / "spread.csv").set_index("figure")
+    assert set(spread["group"]) == {"v8n-lamp-2x"}  # 11n-lamp-2x has no replicate in the table: no spread
     assert spread.loc["map_ft", "n"] == 2 and spread.loc["map_ft", "sd"] == pytest.approx(0.014 / math.sqrt(2))
     points = json.loads((tmp_path / "study" / "points.json").read_text())
     assert {p["kind"] for p in points} == {"pruned", "baseline", "control"} and len(points) == 11 + 3 + 1
@@ -513,10 +518,23 @@ def test_interleaved_medians_times_every_runner_in_rounds():
         def __del__(self) -> None:
             alive.pop()
 
-    got = study.interleaved_medians({"slow": lambda: Runner("slow", 0.004), "fast": lambda: Runner("fast", 0.001)},
-                                    rounds=3, iters=2, warmup=1)
-    assert calls == ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3
-    assert got["slow"] == pytest.approx(4, abs=3) and got["fast"] < got["slow"] and not alive
+    got = study.interleaved_rounds({"slow": lambda: Runner("slow", 0.004), "fast": lambda: Runner("fast", 0.001)},
+                                   rounds=3, iters=2, warmup=1)
+    # Every other round in reverse: a model and its neighbour share the same stretches of the CPU.
+    assert calls == ["slow"] * 3 + ["fast"] * 3 + ["fast"] * 3 + ["slow"] * 3 + ["slow"] * 3 + ["fast"] * 3
+    assert len(got["slow"]) == len(got["fast"]) == 3 and not alive
+    assert all(s_ > f for s_, f in zip(got["slow"], got["fast"])) and got["slow"][0] == pytest.approx(4, abs=3)
+
+
+def test_paired_speed_up_cancels_a_cpu_that_changes_speed_between_rounds():
+    # The CPU runs at half speed in the middle round: both models slow alike, the ratio holds at 2.
+    base, pruned = [10.0, 20.0, 10.2], [5.0, 10.0, 5.1]
+    assert study.paired_speed_up(base, pruned) == pytest.approx(2.0)
+    # A slow stretch that caught the baseline alone in round 2, both in round 3: each model's median alone says
+    # 20 / 5 = 4; the rounds' ratios (2, 4, 2) say 2, what two rounds of three saw.
+    assert study.paired_speed_up([10.0, 20.0, 20.0], [5.0, 5.0, 10.0]) == pytest.approx(2.0)
+    with pytest.raises(YoloPruneError, match="as many rounds"):
+        study.paired_speed_up([1.0, 2.0], [1.0])
 
 
 def test_with_latency_replaces_the_stage_timings():
@@ -531,6 +549,12 @@ def test_with_latency_replaces_the_stage_timings():
     assert out.loc["11n-lamp-2x", "lat_base"] == 9.0
     assert study.control_latency(controls, study.with_latency(df, record))[0]["latency_ms"] == 8.0  # its baseline's
     assert study.control_latency([{"name": "c", "source": "missing", "latency_ms": 1.0}], df)[0]["latency_ms"] == 1.0
+    # With the rounds recorded, the speed-up pairs them: round by round, not median over median.
+    rounds = {"base-md5": [8.0, 16.0, 8.0], "ft-0": [4.0, 8.0, 4.4]}
+    paired = study.with_latency(df, {**record, "round_ms": rounds}).set_index("experiment")
+    assert paired.loc["v8n-lamp-2x", "lat_speed_up"] == pytest.approx(2.0)  # ratios 2, 2, 1.82: their median
+    assert paired.loc["v8n-lamp-2x", "lat_base"] == 8.0  # the medians stay the record's
+    assert paired.loc["v8n-lamp-1.5x", "lat_speed_up"] == pytest.approx(8.0 / 5.0)  # no rounds of ft-1: medians
 
 
 def test_only_results_of_heads_pipeline_count(tmp_path):
@@ -587,6 +611,9 @@ def test_retime_times_each_file_once_and_reuses_the_record(tmp_path, monkeypatch
                        {"rev": "0" * 40, "imgsz": 32, "onnx_base": "base", "onnx_ft": "ft2"}])
     record = study.retime(df, out_dir=tmp_path / "docs", threads=1, rounds=2, iters=3, warmup=1)
     assert set(record["median_ms"]) == {"base", "ft1", "ft2"} and all(v > 0 for v in record["median_ms"].values())
+    assert {k: len(v) for k, v in record["round_ms"].items()} == {"base": 2, "ft1": 2, "ft2": 2}
+    assert record["median_ms"]["ft1"] == pytest.approx(sum(record["round_ms"]["ft1"]) / 2)  # two rounds' median
+    assert "torch_cpu_capability" in record["machine"]
     assert record["settings"] == {"threads": 1, "rounds": 2, "iters": 3, "warmup": 1, "batch": 1}
     saved = json.loads((tmp_path / "docs" / "study" / "latency.json").read_text())
     assert saved["median_ms"] == record["median_ms"] and "machine" in saved
@@ -738,7 +765,7 @@ def test_compare_runs_flags_what_moved_beyond_noise(tmp_path, capsys):
 
 
 def _seed_runs(map_ft: list[float], achieved: list[float]) -> pd.DataFrame:
-    names = ["v8n-lamp-2x", *study.REPLICATE_NAMES][:len(map_ft)]
+    names = ["v8n-lamp-2x", *study.REPLICATE_GROUPS["v8n-lamp-2x"]][:len(map_ft)]
     return pd.DataFrame([_row(n, map_ft=m, achieved=a) for n, m, a in zip(names, map_ft, achieved)])
 
 
@@ -753,6 +780,12 @@ def test_seed_tolerances_are_three_sigma_of_a_two_run_difference():
     pooled = study.seed_tolerances(a, b)["map_ft"]  # variances weighted by degrees of freedom: 3 and 1
     assert pooled == pytest.approx(3 * math.sqrt(2 * (3 * sd_a ** 2 + 0.04 ** 2 / 2) / 4))
     assert study.seed_tolerances(a.iloc[:1]) == {} and study.seed_tolerances(pd.DataFrame()) == {}
+    # Another generation's pair in the same table: its variance about its own mean, not the v8n runs' mean.
+    pair = pd.DataFrame([_row(n, model=study.V26N, map_ft=m, map_base=0.5) for n, m in
+                         (("26n-lamp-2x", 0.40), ("26n-lamp-2x-seed1", 0.44))])
+    both = study.seed_tolerances(pd.concat([a, pair]))["map_ft"]
+    assert both == pytest.approx(3 * math.sqrt(2 * (3 * sd_a ** 2 + 0.04 ** 2 / 2) / 4)) == pooled
+    assert set(study.seed_spread(pd.concat([a, pair]))["group"]) == {"v8n-lamp-2x", "26n-lamp-2x"}
     spread = study.seed_spread(a).set_index("figure")
     assert spread.loc["map_ft", "n"] == 4 and spread.loc["map_ft", "sd"] == pytest.approx(sd_a)
     assert spread.loc["map_ft", "min"] == 0.70 and spread.loc["map_ft", "max"] == 0.74
@@ -775,7 +808,7 @@ def test_measured_noise_widens_a_tolerance_never_narrows_it():
     assert tols["fine-tuned mAP50-95"] == 0.04 and tols["baseline mAP50-95"] == study.MAP_TOL  # never below fixed
     assert tols["latency speed-up"] == study.LATENCY_TOL
     assert "Tolerances: the fixed ones, widened to 3 standard deviations" in study.tolerance_basis({"x": 1.0}, first)
-    assert "no run holds two or more seed runs" in study.tolerance_basis({}, first, second)
+    assert "neither run holds two or more seed runs" in study.tolerance_basis({}, first, second)
 
 
 def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsys):
@@ -795,7 +828,7 @@ def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsy
     assert study.main(["compare", *args]) == 0
     md = capsys.readouterr().out
     assert md == out.read_text() and md.startswith("20 of 20 figures of 4 experiments agree within noise")
-    assert "Tolerances: the fixed ones, widened to 3 standard deviations" in md and "4 and 4 runs of v8n-lamp-2x" in md
+    assert "Tolerances: the fixed ones, widened to 3 standard deviations" in md and "4 and 4 runs of v8n-lamp-2x, " in md
     assert ("first run AMD EPYC, AuthenticAMD cpu family 25 model 1, AVX2; second run AMD EPYC, AuthenticAMD cpu "
             "family 26 model 2, AVX512. The machines differ") in md
     assert study.main(["compare", "--noise", "fixed", *args]) == 1  # the fixed 0.01 alone calls it a move

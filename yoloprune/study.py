@@ -86,10 +86,11 @@ GENERATION_SPEED_UPS = (2.0, 3.0)
 ROUND_TOS = (1, 16)  # at 2x, besides params.yaml's prune.round_to (8)
 FEW_EPOCHS, LONG_EPOCHS = 3, 20  # fine-tune budgets at 2x besides 0 (the pruned model) and params.yaml's
 FRONTIER = (V8S, V8N)  # prune the first to the second's MACs; the second trained from scratch is the rival
-# The default experiment again with each of these training seeds (the sweep's is params.yaml's, 0): how far results
-# move by chance alone. Three, so that the spread is a standard deviation over four runs, not one pair's difference:
-# the yardstick `compare` holds two runs of the study against (see `seed_tolerances`).
-REPLICATE_SEEDS = (1, 2, 3)
+# Each generation's 2x experiment again with these training seeds (the sweep's run has params.yaml's, Ultralytics'
+# 0): how far results move by chance alone, the yardstick `compare` holds two runs of the study against (see
+# `seed_tolerances`). yolov8n's three make its spread a standard deviation over four runs, not one pair's difference;
+# one each for yolo11n and yolo26n says whether theirs is of the same size.
+REPLICATE_SEEDS: dict[str, tuple[int, ...]] = {V8N: (1, 2, 3), V11N: (1,), V26N: (1,)}
 PROBE_EPOCHS = 60  # the budget probe trains each generation's baseline this long: half PROFILE's
 PLATEAU_TOL = 0.01  # a control gaining less mAP50-95 than this says its baseline had plateaued
 ADD = "+"  # an override key starting with it adds a key params.yaml lacks (DVC's `-S +key=value`)
@@ -109,7 +110,10 @@ def exp_name(model: str, method: str, speed_up: float, suffix: str = "") -> str:
 DEFAULT = exp_name(V8N, DEFAULT_METHOD, 2.0)  # params.yaml's settings: the row several analyses share
 FRONTIER_NAME = f"{family(FRONTIER[0])}-{DEFAULT_METHOD}-to-{family(FRONTIER[1])}"
 REMEDY_SUFFIX = f"-ft{LONG_EPOCHS}"  # the remedy tried where the 3x targets are missed: a longer fine-tune
-REPLICATE_NAMES = tuple(exp_name(V8N, DEFAULT_METHOD, 2.0, f"-seed{s}") for s in REPLICATE_SEEDS)
+# The replicated experiment's name -> its replicates' names (REPLICATE_SEEDS).
+REPLICATE_GROUPS: dict[str, tuple[str, ...]] = {
+    exp_name(m, DEFAULT_METHOD, 2.0): tuple(exp_name(m, DEFAULT_METHOD, 2.0, f"-seed{s}") for s in seeds)
+    for m, seeds in REPLICATE_SEEDS.items()}
 PROBE_SUFFIX = f"-e{PROBE_EPOCHS}"
 
 
@@ -183,17 +187,19 @@ def sweep(frontier_speed_up: float) -> list[Experiment]:
 
 
 def replicates() -> list[Experiment]:
-    """Return the seed replicates: the default experiment again, another seed for the baseline and the fine-tune.
+    """Return the seed replicates: each generation's 2x experiment again, another seed for the baseline and the
+    fine-tune (``REPLICATE_SEEDS``).
 
     They say how far a result moves by chance alone. They are probes (``make
     study-probe``), not part of the sweep: each one's baseline costs as much training as a
     generation's.
     """
     out = []
-    for seed in REPLICATE_SEEDS:
-        seeds = {f"{ADD}{stage}.args.seed": seed for stage in ("baseline", "finetune")}
-        out.append(exp(f"run-to-run spread: {DEFAULT} with seed {seed} for the baseline's training and the "
-                       "fine-tune", suffix=f"-seed{seed}", **seeds))
+    for model, model_seeds in REPLICATE_SEEDS.items():
+        for seed in model_seeds:
+            seeds = {f"{ADD}{stage}.args.seed": seed for stage in ("baseline", "finetune")}
+            out.append(exp(f"run-to-run spread: {exp_name(model, DEFAULT_METHOD, 2.0)} with seed {seed} for the "
+                           "baseline's training and the fine-tune", model=model, suffix=f"-seed{seed}", **seeds))
     return out
 
 
@@ -958,17 +964,20 @@ def onnx_outs(params: dict[str, Any]) -> dict[str, str]:
     return {"base": f"models/baseline_{imgsz}_b1.onnx", "ft": f"models/finetuned_{imgsz}_b1.onnx"}
 
 
-def interleaved_medians(factories: dict[str, Callable[[], Callable[[], object]]], rounds: int, iters: int,
-                        warmup: int) -> dict[str, float]:
-    """Return each model's median call time (ms), timed in ``rounds`` rounds, model after model.
+def interleaved_rounds(factories: dict[str, Callable[[], Callable[[], object]]], rounds: int, iters: int,
+                       warmup: int) -> dict[str, list[float]]:
+    """Return each model's median call time (ms) in each of ``rounds`` rounds, timed model after model.
 
-    ``factories`` make each model's runner. Interleaving spreads any slow stretch of a
-    shared CPU over every model alike, where timing one model after another (as each
-    experiment's benchmark stage does) charges it to whichever model ran then. Each
-    turn builds the runner, warms it up, times ``iters`` calls and drops it, so one
-    session exists at a time: with all of them open, the idle sessions' ONNX Runtime
-    threads spin and slow the one being timed (measured: up to 59 % between copies
-    of the same network).
+    Interleaving spreads a slow stretch of a shared CPU over every model alike, where
+    timing one model after another (as each experiment's benchmark stage does) charges it
+    to whichever model ran then; many short rounds, every other one in reverse order,
+    give neighbours in ``factories`` (an experiment's baseline and pruned model) the same
+    stretches. Measured here: one model timed 1.6 ms, then 2.4 ms for 20 s on end a few
+    minutes later, and two copies of one network 1.28 and 2.06 ms in a pass of 5 long
+    rounds. Each turn builds the runner, warms it up, times ``iters`` calls and drops it,
+    so one session exists at a time: with all of them open, the idle sessions' ONNX
+    Runtime threads spin and slow the one being timed (measured: up to 59 % between
+    copies of the same network).
     """
     from statistics import median
 
@@ -978,22 +987,36 @@ def interleaved_medians(factories: dict[str, Callable[[], Callable[[], object]]]
 
     cpu = torch.device("cpu")
     times: dict[str, list[float]] = {key: [] for key in factories}
-    for _ in range(rounds):
-        for key, make in factories.items():
-            run = make()
-            times[key] += time_calls(run, warmup, iters, cpu)
+    order = list(factories)
+    for i in range(rounds):
+        for key in order if i % 2 == 0 else order[::-1]:
+            run = factories[key]()
+            times[key].append(median(time_calls(run, warmup, iters, cpu)))
             del run
-    return {key: median(t) for key, t in times.items()}
+    return times
+
+
+def paired_speed_up(base_ms: Sequence[float], pruned_ms: Sequence[float]) -> float:
+    """Return the median over rounds of the baseline's time over the pruned model's, timed side by side each round."""
+    from statistics import median
+
+    if not base_ms or len(base_ms) != len(pruned_ms):
+        raise YoloPruneError(f"paired timings need as many rounds of each model ({len(base_ms)} vs "
+                             f"{len(pruned_ms)}); time them again with `python -m yoloprune.study report`")
+    return median(b / p for b, p in zip(base_ms, pruned_ms))
 
 
 def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_DIR, threads: int = 2,
-           rounds: int = 5, iters: int = 40, warmup: int = 5) -> dict[str, Any]:
+           rounds: int = 15, iters: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Time every experiment's exported ONNX models again in one interleaved pass; write and return the record.
 
     Each file is read from DVC's cache at its experiment's commit (the same bytes the
-    benchmark stage timed). The record (``out_dir/study/latency.json``) maps each
-    file's md5 to its median ms, with the settings and the machine; it is reused while
-    the same files and settings are asked for, since timing is the one step a busy CPU spoils.
+    benchmark stage timed), and an experiment's baseline is timed next to its pruned
+    model (``interleaved_rounds``). The record (``out_dir/study/latency.json``) maps each
+    file's md5 to its median ms (``median_ms``, the median of its rounds) and its
+    per-round medians (``round_ms``), with the settings and the machine; it is reused
+    while the same files and settings are asked for, since timing is the one step a busy
+    CPU spoils.
     """
     import dvc.api
     import torch
@@ -1021,7 +1044,10 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
                 tmp.write_bytes(src.read())
         factories[md5] = functools.partial(onnx_runner, local, imgsz, 1, threads=threads)
     LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(factories), rounds, iters)
-    record = {"settings": settings, "median_ms": interleaved_medians(factories, rounds, iters, warmup),
+    from statistics import median
+
+    round_ms = interleaved_rounds(factories, rounds, iters, warmup)
+    record = {"settings": settings, "median_ms": {k: median(v) for k, v in round_ms.items()}, "round_ms": round_ms,
               "machine": {**machine_info(torch.device("cpu")), **cpu_identity()}, "versions": library_versions("onnx"),
               "timed_at": datetime.now().astimezone().isoformat(timespec="seconds")}
     write_json(record, path)
@@ -1066,14 +1092,20 @@ def control_latency(control_results: Sequence[dict], df: pd.DataFrame) -> list[d
 
 
 def with_latency(df: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
-    """Return ``df`` with the re-timed latencies in the latency columns (the stage's own kept as ``*_stage``)."""
+    """Return ``df`` with the re-timed latencies in the latency columns (the stage's own kept as ``*_stage``).
+
+    The speed-up is ``paired_speed_up`` of the two models' rounds where the record has
+    them (``round_ms``), else the ratio of their medians.
+    """
     df = df.copy()
-    medians = record.get("median_ms", {})
+    medians, rounds = record.get("median_ms", {}), record.get("round_ms", {})
     for col in ("lat_base", "lat_ft", "lat_speed_up"):
         df[f"{col}_stage"] = df[col]
     df["lat_base"] = pd.to_numeric(df["onnx_base"].map(medians), errors="coerce")
     df["lat_ft"] = pd.to_numeric(df["onnx_ft"].map(medians), errors="coerce")
-    df["lat_speed_up"] = df["lat_base"] / df["lat_ft"]
+    paired = [paired_speed_up(rounds[b], rounds[f]) if b in rounds and f in rounds else math.nan
+              for b, f in zip(df["onnx_base"], df["onnx_ft"])]
+    df["lat_speed_up"] = pd.Series(paired, index=df.index).fillna(df["lat_base"] / df["lat_ft"])
     return df
 
 
@@ -1174,46 +1206,62 @@ def _budget(df: pd.DataFrame) -> list[tuple[float, float]]:
 
 
 def seed_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Return the finished runs of the default experiment and its seed replicates (``REPLICATE_NAMES``)."""
-    return df[df["experiment"].isin([DEFAULT, *REPLICATE_NAMES])] if "experiment" in df else df.iloc[:0]
+    """Return the finished runs of each replicated experiment and its seed replicates (``REPLICATE_GROUPS``).
+
+    The ``group`` column names the experiment a run replicates (itself for the sweep's run).
+    """
+    group_of = {n: g for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps)}
+    if "experiment" not in df:
+        return df.iloc[:0].assign(group=pd.Series(dtype=str))
+    runs = df[df["experiment"].isin(group_of)].copy()
+    runs["group"] = runs["experiment"].map(group_of)
+    return runs
+
+
+def _seed_values(runs: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
 
 
 def seed_spread(df: pd.DataFrame) -> pd.DataFrame:
-    """Return the default experiment's spread over training seeds: one row per compared figure (``COMPARED``).
+    """Return each replicated experiment's spread over training seeds: a row per group and compared figure.
 
-    Columns: figure (the experiments table's column), label, kind, n (runs), mean, sd
-    (sample standard deviation), min and max. Empty while fewer than two runs finished.
+    Columns: group (the replicated experiment), figure (the experiments table's column,
+    ``COMPARED``), label, kind, n (runs), mean, sd (sample standard deviation), min and
+    max. Groups with fewer than two finished runs are left out.
     """
-    runs = seed_runs(df)
     rows = []
-    for col, (label, kind) in COMPARED.items():
-        values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
-        if len(values) >= 2:
-            rows.append({"figure": col, "label": label, "kind": kind, "n": len(values), "mean": values.mean(),
-                         "sd": values.std(ddof=1), "min": values.min(), "max": values.max()})
-    return pd.DataFrame(rows, columns=["figure", "label", "kind", "n", "mean", "sd", "min", "max"])
+    for group, runs in seed_runs(df).groupby("group", sort=False):
+        for col, (label, kind) in COMPARED.items():
+            values = _seed_values(runs, col)
+            if len(values) >= 2:
+                rows.append({"group": group, "figure": col, "label": label, "kind": kind, "n": len(values),
+                             "mean": values.mean(), "sd": values.std(ddof=1), "min": values.min(),
+                             "max": values.max()})
+    return pd.DataFrame(rows, columns=["group", "figure", "label", "kind", "n", "mean", "sd", "min", "max"])
 
 
 def _spread(df: pd.DataFrame) -> str:
-    """Say how far the default experiment moves when only the training seed changes (see REPLICATE_SEEDS)."""
+    """Say how far the replicated experiments move when only the training seed changes (see REPLICATE_SEEDS)."""
     spread = seed_spread(df)
     timing = _timing_spread(df)
     if not len(spread):
-        pending = _pending([n for n in (DEFAULT, *REPLICATE_NAMES) if _row(df, n) is None])
+        pending = _pending([n for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps) if _row(df, n) is None])
         return f"{timing} Accuracy: {pending}" if timing else pending
     specs = {"map": ".3f", "pt": ".1f", "macs": ".3f", "latency": ".2f"}
     units = {"pt": " %", "macs": "×", "latency": "×"}
-    figures = "; ".join(f"{r.label} {r.mean:{specs[r.kind]}}{units.get(r.kind, '')} ± {r.sd:{specs[r.kind]}} "
-                        f"(range {r.min:{specs[r.kind]}} to {r.max:{specs[r.kind]}})" for r in spread.itertuples())
-    n = int(spread["n"].max())
-    tol = seed_tolerances(df).get("map_ft")
-    accuracy = (f"{DEFAULT} over {n} runs that differ only in the training seed of the baseline and the fine-tune "
-                f"(the sweep's and seeds {', '.join(map(str, REPLICATE_SEEDS))}; mean ± standard deviation): "
-                f"{figures}.")
-    if tol is not None:
-        accuracy += (f" Two runs of one setting differing by less than {tol:.3f} fine-tuned mAP50-95 "
-                     f"({NOISE_SIGMAS:g} standard deviations of a two-run difference) are within this noise; "
-                     "settings that prune harder or by a weaker criterion may spread wider.")
+    groups = []
+    for group, rows in spread.groupby("group", sort=False):
+        figures = ", ".join(f"{r.label} {r.mean:{specs[r.kind]}}{units.get(r.kind, '')} ± {r.sd:{specs[r.kind]}} "
+                            f"({r.min:{specs[r.kind]}} to {r.max:{specs[r.kind]}})" for r in rows.itertuples())
+        groups.append(f"{group} over {int(rows['n'].max())} runs: {figures}")
+    accuracy = ("Runs that differ only in the training seed of the baseline and the fine-tune (the sweep's and "
+                "the seed replicates; mean ± standard deviation, range): " + "; ".join(groups) + ".")
+    tol = seed_tolerances(df)
+    if "map_ft" in tol:
+        accuracy += (f" Two runs of one setting differing by less than {tol['map_ft']:.3f} fine-tuned mAP50-95 "
+                     f"(or {tol.get('map_base', math.nan):.3f} baseline mAP50-95) are within this noise "
+                     f"({NOISE_SIGMAS:g} standard deviations of a two-run difference, the variance pooled over "
+                     "the groups); settings that prune harder or by a weaker criterion may spread wider.")
     return f"{timing} Accuracy: {accuracy}" if timing else accuracy
 
 
@@ -1510,8 +1558,10 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
         "",
         ("mAP50-95 *base* is the baseline, *pruned* before fine-tuning (PyTorch validation), *fine-tuned* after; "
          "retention is fine-tuned / base; *vs control* is fine-tuned / the equal-budget control (same baseline, "
-         "same fine-tune epochs). Latency speed-up compares the baseline and the pruned model, timed in the same "
-         "interleaved pass (`docs/study/latency.json`); a control's latency is its baseline's (the same network)."),
+         "same fine-tune epochs). Latency is the median of a model's rounds in one interleaved pass "
+         "(`docs/study/latency.json`); the latency speed-up is the median over rounds of the baseline's time over "
+         "the pruned model's, the two timed side by side in every round, so a CPU that speeds up or slows down "
+         "between rounds moves both alike; a control's latency is its baseline's (the same network)."),
         "",
         experiments_table(df) if len(df) else "_No finished experiments yet._",
         "",
@@ -1532,9 +1582,11 @@ def render(df: pd.DataFrame, pts: pd.DataFrame, checks: pd.DataFrame, control_re
         "",
         "## Run-to-run spread",
         "",
-        (f"{DEFAULT} run again with training seeds {', '.join(map(str, REPLICATE_SEEDS))} for the baseline and the "
-         "fine-tune (`make study-probe`, not part of `make study`), beside the sweep's run: the noise that "
-         "`python -m yoloprune.study compare` holds two runs of the study against (`docs/study/spread.csv`)."),
+        ("Each generation's 2× experiment run again with other training seeds for the baseline and the fine-tune ("
+         + "; ".join(f"{g}: {', '.join(str(s) for s in REPLICATE_SEEDS[m])}" for g, m in
+                     zip(REPLICATE_GROUPS, REPLICATE_SEEDS))
+         + "; `make study-probe`, not part of `make study`), beside the sweep's run: the noise that `python -m "
+           "yoloprune.study compare` holds two runs of the study against (`docs/study/spread.csv`)."),
         "",
         _spread_md(df),
         "",
@@ -1596,16 +1648,18 @@ def _controls_table(control_results: Sequence[dict]) -> str:
 
 
 def _spread_md(df: pd.DataFrame) -> str:
-    runs = seed_runs(df)
-    if len(runs) < 2:
-        return _pending([n for n in (DEFAULT, *REPLICATE_NAMES) if _row(df, n) is None])
-    rows = [[r.experiment, _fmt(r.map_base, "{:.3f}"), _fmt(r.map_ft, "{:.3f}"), _fmt(r.retention, "{:.1f} %"),
-             _fmt(r.achieved, "{:.3f}×"), _fmt(r.lat_speed_up, "{:.2f}×")] for r in runs.itertuples()]
-    spread = seed_spread(df).set_index("figure")
-    for stat in ("mean", "sd"):
-        rows.append([f"**{stat}**", *(_fmt(spread[stat].get(col), spec) for col, spec in
-                                      (("map_base", "{:.3f}"), ("map_ft", "{:.3f}"), ("retention", "{:.1f} %"),
-                                       ("achieved", "{:.3f}×"), ("lat_speed_up", "{:.2f}×")))])
+    runs, spread = seed_runs(df), seed_spread(df)
+    if not len(spread):
+        return _pending([n for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps) if _row(df, n) is None])
+    cols = (("map_base", "{:.3f}"), ("map_ft", "{:.3f}"), ("retention", "{:.1f} %"), ("achieved", "{:.3f}×"),
+            ("lat_speed_up", "{:.2f}×"))
+    rows = []
+    for group, group_runs in runs.groupby("group", sort=False):
+        rows += [[r.experiment, *(_fmt(getattr(r, c), spec) for c, spec in cols)] for r in group_runs.itertuples()]
+        stats = spread[spread["group"] == group].set_index("figure")
+        if len(stats):
+            rows += [[f"**{stat}** ({group})", *(_fmt(stats[stat].get(c), spec) for c, spec in cols)]
+                     for stat in ("mean", "sd")]
     return md_table(rows, ["run", "mAP50-95 base", "fine-tuned", "retention", "MACs speed-up", "latency speed-up"])
 
 
@@ -1731,19 +1785,19 @@ def seed_tolerances(*tables: pd.DataFrame, sigmas: float = NOISE_SIGMAS) -> dict
     """Return a tolerance per compared column (``COMPARED``) from the seed replicates the experiments tables hold.
 
     The tolerance is ``sigmas`` standard deviations of the difference of two runs:
-    ``sigmas * sqrt(2) * sd``, with one run's sd pooled over the tables (each table's
-    variance weighted by its degrees of freedom) and taken relative to the mean for the
-    ratio kinds (``RELATIVE``), as ``compare_runs`` compares them. A column no table has
-    two seed runs of is left out.
+    ``sigmas * sqrt(2) * sd``, with one run's sd pooled over the replicated experiments
+    of every table (each group's variance about its own mean, weighted by its degrees of
+    freedom) and taken relative to the mean for the ratio kinds (``RELATIVE``), as
+    ``compare_runs`` compares them. A column no group has two seed runs of is left out.
     """
     pooled: dict[str, list[tuple[float, int]]] = {}
     for table in tables:
-        runs = seed_runs(table)
-        for col, (_, kind) in COMPARED.items():
-            values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
-            if len(values) >= 2:
-                scaled = values / values.mean() if kind in RELATIVE else values
-                pooled.setdefault(col, []).append((float(scaled.var(ddof=1)), len(values) - 1))
+        for _, runs in seed_runs(table).groupby("group", sort=False):
+            for col, (_, kind) in COMPARED.items():
+                values = _seed_values(runs, col)
+                if len(values) >= 2:
+                    scaled = values / values.mean() if kind in RELATIVE else values
+                    pooled.setdefault(col, []).append((float(scaled.var(ddof=1)), len(values) - 1))
     return {col: sigmas * math.sqrt(2 * sum(v * dof for v, dof in parts) / sum(dof for _, dof in parts))
             for col, parts in pooled.items()}
 
@@ -1839,12 +1893,12 @@ def comparison_md(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, bas
 def tolerance_basis(measured: dict[str, float], *tables: pd.DataFrame) -> str:
     """Say where ``compare_runs``' tolerances came from: the fixed ones, widened by ``measured`` if any."""
     if not measured:
-        return ("Tolerances: the fixed ones; no run holds two or more seed runs of "
-                f"{DEFAULT} to measure the noise with (`make study-probe` runs them).")
+        return ("Tolerances: the fixed ones; neither run holds two or more seed runs of one experiment to "
+                "measure the noise with (`make study-probe` runs them).")
     counts = " and ".join(str(len(seed_runs(t))) for t in tables)
     return (f"Tolerances: the fixed ones, widened to {NOISE_SIGMAS:g} standard deviations of a two-run difference "
-            f"where the seed replicates measured more noise ({counts} runs of {DEFAULT} that differ only in the "
-            "training seed).")
+            f"where the seed replicates measured more noise ({counts} runs of {', '.join(REPLICATE_GROUPS)} that "
+            "differ only in the training seed).")
 
 
 def machine_of(path: str | Path) -> dict[str, Any]:
