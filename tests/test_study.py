@@ -444,7 +444,7 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert ("v8n-lamp-2x over 2 runs: baseline mAP50-95 0.805 ± 0.007 (0.800 to 0.810), fine-tuned mAP50-95 "
             "0.777 ± 0.010 (0.770 to 0.784)") in text
     tol = 3 * math.sqrt(2) * math.hypot(0.784 - 0.777, 0.77 - 0.777)  # sample sd of two runs: their hypot to the mean
-    assert f"differing by less than {tol:.3f} fine-tuned" in text
+    assert f"per model family): v8n {tol:.3f} fine-tuned mAP50-95, {3 * math.sqrt(2) * 0.01 / math.sqrt(2):.3f}" in text
     assert "| v8n-lamp-2x-seed1 | 0.810 | 0.770 | 95.1 % |" in text and "| **sd** (v8n-lamp-2x) | 0.007 | 0.010 |" in text
     spread = pd.read_csv(tmp_path / "study" / "spread.csv").set_index("figure")
     assert set(spread["group"]) == {"v8n-lamp-2x"}  # 11n-lamp-2x has no replicate in the table: no spread
@@ -785,6 +785,10 @@ def test_seed_tolerances_are_three_sigma_of_a_two_run_difference():
                          (("26n-lamp-2x", 0.40), ("26n-lamp-2x-seed1", 0.44))])
     both = study.seed_tolerances(pd.concat([a, pair]))["map_ft"]
     assert both == pytest.approx(3 * math.sqrt(2 * (3 * sd_a ** 2 + 0.04 ** 2 / 2) / 4)) == pooled
+    # Per family: each its own noise, not the pool's.
+    per = study.family_tolerances(pd.concat([a, pair]))
+    assert set(per) == {"v8n", "26n"} and per["v8n"]["map_ft"] == pytest.approx(tol["map_ft"])
+    assert per["26n"]["map_ft"] == pytest.approx(3 * math.sqrt(2) * 0.04 / math.sqrt(2))
     assert set(study.seed_spread(pd.concat([a, pair]))["group"]) == {"v8n-lamp-2x", "26n-lamp-2x"}
     spread = study.seed_spread(a).set_index("figure")
     assert spread.loc["map_ft", "n"] == 4 and spread.loc["map_ft", "sd"] == pytest.approx(sd_a)
@@ -799,22 +803,26 @@ def test_measured_noise_widens_a_tolerance_never_narrows_it():
     second.loc[at("v8n-lamp-3x"), "map_ft"] -= 0.03
     second.loc[at("11n-lamp-2x"), "map_ft"] += 0.005
     fixed = study.compare_runs(first, second)
-    wide = study.compare_runs(first, second, measured={"map_ft": 0.04, "map_base": 0.001})
+    wide = study.compare_runs(first, second, measured={"v8n": {"map_ft": 0.04, "map_base": 0.001}})
     def within(t, name):
         return bool(t[(t["experiment"] == name) & (t["figure"] == "fine-tuned mAP50-95")]["within"].iloc[0])
     assert not within(fixed, "v8n-lamp-3x") and within(wide, "v8n-lamp-3x")  # 0.03 < 0.04: noise, once measured
-    assert within(wide, "11n-lamp-2x")
+    assert within(wide, "11n-lamp-2x")  # +0.005: within the fixed 0.01; 11n has no measured noise of its own
+    second.loc[at("11n-lamp-2x"), "map_ft"] += 0.03
+    assert not within(study.compare_runs(first, second, measured={"v8n": {"map_ft": 0.04}}), "11n-lamp-2x")
     tols = wide.drop_duplicates("figure").set_index("figure")["tol"]
     assert tols["fine-tuned mAP50-95"] == 0.04 and tols["baseline mAP50-95"] == study.MAP_TOL  # never below fixed
+    assert "fine-tuned mAP50-95 ±0.01 to ±0.04" in study.comparison_md(first, second, wide)  # v8n's and 11n's
     assert tols["latency speed-up"] == study.LATENCY_TOL
-    assert "Tolerances: the fixed ones, widened to 3 standard deviations" in study.tolerance_basis({"x": 1.0}, first)
+    basis = study.tolerance_basis({"v8n": {"map_ft": 0.04}}, first)
+    assert "widened to 3 standard deviations" in basis and "v8n: fine-tuned mAP50-95 ±0.040" in basis
     assert "neither run holds two or more seed runs" in study.tolerance_basis({}, first, second)
 
 
 def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsys):
     first = _seed_runs([0.70, 0.72, 0.74, 0.72], [2.0, 2.0, 2.0, 2.0])
     second = first.copy()
-    second.loc[0, "map_ft"] = 0.75  # +0.05: beyond the fixed 0.01, within 3 sigma (0.069) of the measured noise
+    second.loc[0, "map_ft"] = 0.75  # +0.05: beyond the fixed 0.01, within 3 sigma (0.067, pooled) of the measured noise
     for name, table, machine in (("a", first, {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 25 model 1",
                                                 "torch_cpu_capability": "AVX2"}),
                                  ("b", second, {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 26 model 2",
@@ -829,6 +837,8 @@ def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsy
     md = capsys.readouterr().out
     assert md == out.read_text() and md.startswith("20 of 20 figures of 4 experiments agree within noise")
     assert "Tolerances: the fixed ones, widened to 3 standard deviations" in md and "4 and 4 runs of v8n-lamp-2x, " in md
+    va, vb = pd.Series([0.70, 0.72, 0.74, 0.72]).var(), pd.Series([0.75, 0.72, 0.74, 0.72]).var()
+    assert f"v8n: fine-tuned mAP50-95 ±{3 * math.sqrt(2 * (va + vb) / 2):.3f}" in md  # pooled over both runs
     assert ("first run AMD EPYC, AuthenticAMD cpu family 25 model 1, AVX2; second run AMD EPYC, AuthenticAMD cpu "
             "family 26 model 2, AVX512. The machines differ") in md
     assert study.main(["compare", "--noise", "fixed", *args]) == 1  # the fixed 0.01 alone calls it a move
