@@ -843,6 +843,13 @@ def test_compare_cli_uses_the_seed_spread_and_names_the_machines(tmp_path, capsy
             "family 26 model 2, AVX512. The machines differ") in md
     assert study.main(["compare", "--noise", "fixed", *args]) == 1  # the fixed 0.01 alone calls it a move
     assert "v8n-lamp-2x fine-tuned mAP50-95 0.7 -> 0.75" in capsys.readouterr().out
+    # A run without one experiment: not reproduced, unless judged on the experiments both have.
+    second[second["experiment"] != "v8n-lamp-2x-seed3"].to_csv(tmp_path / "b" / "study" / "experiments.csv",
+                                                                index=False)
+    assert study.main(["compare", *args]) == 1
+    assert "Only in the first run: v8n-lamp-2x-seed3." in capsys.readouterr().out
+    assert study.main(["compare", "--common", *args]) == 0
+    assert "Judged on the experiments both runs have (`--common`)" in capsys.readouterr().out
     assert "Not recorded for both runs" in study.machines_compared({"cpu": "AMD EPYC"}, {"cpu": "AMD EPYC"})
     assert "differ" not in study.machines_compared({"cpu": "x", "cpu_id": "a", "torch_cpu_capability": "AVX2"},
                                                     {"cpu": "x", "cpu_id": "a", "torch_cpu_capability": "AVX2"})

@@ -1954,9 +1954,14 @@ def machines_compared(first: dict[str, Any], second: dict[str, Any]) -> str:
     return line
 
 
-def reproduced(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame) -> bool:
-    """Return whether the second run reproduced the first: the same experiments, and every figure within noise."""
-    return set(old["experiment"]) == set(new["experiment"]) and len(table) > 0 and bool(table["within"].all())
+def reproduced(old: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, common: bool = False) -> bool:
+    """Return whether the second run reproduced the first: the same experiments, and every figure within noise.
+
+    ``common``: the experiments both runs have suffice (say, a ``make study`` run against
+    a report that holds the probes too); there must be some.
+    """
+    same = common or set(old["experiment"]) == set(new["experiment"])
+    return same and len(table) > 0 and bool(table["within"].all())
 
 
 # --- the equal-budget control ---------------------------------------------------------------------------------------
@@ -2069,6 +2074,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "two-run difference where the runs' seed replicates measured more; fixed: the fixed "
                             "tolerances alone")
     cmp_p.add_argument("--out", help="also write the comparison (markdown) to this file")
+    cmp_p.add_argument("--common", action="store_true",
+                       help="judge the experiments both runs have; those only one has are listed, not counted "
+                            "(a `make study` run against a report that holds the probes too)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -2079,12 +2087,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = compare_runs(first, second, **tols, measured=measured)
             basis = [tolerance_basis(measured, first, second),
                      machines_compared(machine_of(args.first), machine_of(args.second))]
+            if args.common:
+                basis.append("Judged on the experiments both runs have (`--common`): those only one has are listed "
+                             "below, not counted.")
             md = comparison_md(first, second, table, basis)
             if args.out:
                 with atomic_path(args.out) as tmp:
                     tmp.write_text(md)
             print(md, end="")
-            return 0 if reproduced(first, second, table) else 1
+            return 0 if reproduced(first, second, table, common=args.common) else 1
         experiments = study_sweep(args.params, probe=args.probe and args.command != "report")
         if args.command == "plan":
             print(_plan(experiments, args.probe))
