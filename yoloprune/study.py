@@ -1073,7 +1073,7 @@ def cpu_identity(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
         parts = [fields.get("vendor_id")] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping")
                                              if k in fields]
         if all(parts):
-            out["cpu_id"] = " ".join(p for p in parts if p)
+            out["cpu_id"] = " ".join(str(p) for p in parts)
     except OSError:
         pass
     capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
