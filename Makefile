@@ -48,7 +48,7 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
 
 # The probes, checks on the study itself: each generation's 2x experiment again with its baseline trained half as long
-# and a control on it (the report's "Baseline budget"), three seed replicates of the default experiment ("Run-to-run
+# and a control on it (the report's "Baseline budget"), seed replicates of each generation's 2x experiment ("Run-to-run
 # spread": the noise `python -m yoloprune.study compare` holds two runs against) and the 3x remedy for yolo11n and
 # yolo26n ("Remedy tried"); then the report. Not part of `make study`, which has to fit in 180 minutes on
 # a 2-core CPU (their baselines cost as much as the sweep's); resumable alike.

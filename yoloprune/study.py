@@ -40,6 +40,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import pandas as pd
@@ -114,6 +115,7 @@ REMEDY_SUFFIX = f"-ft{LONG_EPOCHS}"  # the remedy tried where the 3x targets are
 REPLICATE_GROUPS: dict[str, tuple[str, ...]] = {
     exp_name(m, DEFAULT_METHOD, 2.0): tuple(exp_name(m, DEFAULT_METHOD, 2.0, f"-seed{s}") for s in seeds)
     for m, seeds in REPLICATE_SEEDS.items()}
+GROUP_FAMILY = {exp_name(m, DEFAULT_METHOD, 2.0): family(m) for m in REPLICATE_SEEDS}  # replicated experiment -> family
 PROBE_SUFFIX = f"-e{PROBE_EPOCHS}"
 
 
@@ -979,8 +981,6 @@ def interleaved_rounds(factories: dict[str, Callable[[], Callable[[], object]]],
     Runtime threads spin and slow the one being timed (measured: up to 59 % between
     copies of the same network).
     """
-    from statistics import median
-
     import torch
 
     from yoloprune.benchmark import time_calls
@@ -998,8 +998,6 @@ def interleaved_rounds(factories: dict[str, Callable[[], Callable[[], object]]],
 
 def paired_speed_up(base_ms: Sequence[float], pruned_ms: Sequence[float]) -> float:
     """Return the median over rounds of the baseline's time over the pruned model's, timed side by side each round."""
-    from statistics import median
-
     if not base_ms or len(base_ms) != len(pruned_ms):
         raise YoloPruneError(f"paired timings need as many rounds of each model ({len(base_ms)} vs "
                              f"{len(pruned_ms)}); time them again with `python -m yoloprune.study report`")
@@ -1044,8 +1042,6 @@ def retime(df: pd.DataFrame, repo: str | Path = ".", out_dir: str | Path = OUT_D
                 tmp.write_bytes(src.read())
         factories[md5] = functools.partial(onnx_runner, local, imgsz, 1, threads=threads)
     LOGGER.info("timing %d ONNX models, interleaved: %d rounds of %d calls each", len(factories), rounds, iters)
-    from statistics import median
-
     round_ms = interleaved_rounds(factories, rounds, iters, warmup)
     record = {"settings": settings, "median_ms": {k: median(v) for k, v in round_ms.items()}, "round_ms": round_ms,
               "machine": {**machine_info(torch.device("cpu")), **cpu_identity()}, "versions": library_versions("onnx"),
@@ -1218,10 +1214,6 @@ def seed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def _seed_values(runs: pd.DataFrame, col: str) -> pd.Series:
-    return pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
-
-
 def seed_spread(df: pd.DataFrame) -> pd.DataFrame:
     """Return each replicated experiment's spread over training seeds: a row per group and compared figure.
 
@@ -1232,7 +1224,7 @@ def seed_spread(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for group, runs in seed_runs(df).groupby("group", sort=False):
         for col, (label, kind) in COMPARED.items():
-            values = _seed_values(runs, col)
+            values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series(dtype=float)
             if len(values) >= 2:
                 rows.append({"group": group, "figure": col, "label": label, "kind": kind, "n": len(values),
                              "mean": values.mean(), "sd": values.std(ddof=1), "min": values.min(),
@@ -1240,12 +1232,16 @@ def seed_spread(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["group", "figure", "label", "kind", "n", "mean", "sd", "min", "max"])
 
 
+def _replicates_pending(df: pd.DataFrame) -> str:
+    return _pending([n for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps) if _row(df, n) is None])
+
+
 def _spread(df: pd.DataFrame) -> str:
     """Say how far the replicated experiments move when only the training seed changes (see REPLICATE_SEEDS)."""
     spread = seed_spread(df)
     timing = _timing_spread(df)
     if not len(spread):
-        pending = _pending([n for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps) if _row(df, n) is None])
+        pending = _replicates_pending(df)
         return f"{timing} Accuracy: {pending}" if timing else pending
     specs = {"map": ".3f", "pt": ".1f", "macs": ".3f", "latency": ".2f"}
     units = {"pt": " %", "macs": "×", "latency": "×"}
@@ -1652,7 +1648,7 @@ def _controls_table(control_results: Sequence[dict]) -> str:
 def _spread_md(df: pd.DataFrame) -> str:
     runs, spread = seed_runs(df), seed_spread(df)
     if not len(spread):
-        return _pending([n for g, reps in REPLICATE_GROUPS.items() for n in (g, *reps) if _row(df, n) is None])
+        return _replicates_pending(df)
     cols = (("map_base", "{:.3f}"), ("map_ft", "{:.3f}"), ("retention", "{:.1f} %"), ("achieved", "{:.3f}×"),
             ("lat_speed_up", "{:.2f}×"))
     rows = []
@@ -1796,15 +1792,12 @@ def seed_tolerances(*tables: pd.DataFrame, sigmas: float = NOISE_SIGMAS, family:
     """
     pooled: dict[str, list[tuple[float, int]]] = {}
     for table in tables:
-        runs_of = seed_runs(table)
+        spread = seed_spread(table)
         if family is not None:
-            runs_of = runs_of[runs_of["family"] == family] if "family" in runs_of else runs_of.iloc[:0]
-        for _, runs in runs_of.groupby("group", sort=False):
-            for col, (_, kind) in COMPARED.items():
-                values = _seed_values(runs, col)
-                if len(values) >= 2:
-                    scaled = values / values.mean() if kind in RELATIVE else values
-                    pooled.setdefault(col, []).append((float(scaled.var(ddof=1)), len(values) - 1))
+            spread = spread[spread["group"].map(GROUP_FAMILY) == family]
+        for r in spread.itertuples():
+            sd = r.sd / r.mean if r.kind in RELATIVE else r.sd  # the sd of values / mean, for ratios
+            pooled.setdefault(r.figure, []).append((sd ** 2, r.n - 1))
     return {col: sigmas * math.sqrt(2 * sum(v * dof for v, dof in parts) / sum(dof for _, dof in parts))
             for col, parts in pooled.items()}
 
@@ -1816,7 +1809,7 @@ def family_tolerances(*tables: pd.DataFrame, sigmas: float = NOISE_SIGMAS) -> di
     on two seeds, yolov8n's within 0.536 to 0.619 on four); a family with no replicates
     has none, and ``compare_runs`` holds it to the fixed tolerances.
     """
-    families = {f for t in tables for f in seed_runs(t).get("family", pd.Series(dtype=str)).dropna()}
+    families = {GROUP_FAMILY[g] for t in tables for g in seed_runs(t)["group"]}
     found = {f: seed_tolerances(*tables, sigmas=sigmas, family=f) for f in sorted(families)}
     return {f: tol for f, tol in found.items() if tol}
 
