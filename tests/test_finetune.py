@@ -71,16 +71,27 @@ def pruned(tmp_path_factory) -> Path:
 
 
 THREADS_SEEN: list[int] = []  # torch's thread count at each training batch of the `trained` run (threads=1)
+STEPS: list[int] = []  # the `trained` run's optimiser steps, read from its AdamW state at the end
+REGULARIZED: list[tuple[type, int, int]] = []  # per regularizer call: model type, params with and without a gradient
+
+
+def regularizer(model: nn.Module) -> None:
+    """Record what the trainer hands a sparsity regularizer: the model, between backward and the step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with_grad = sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable)
+    REGULARIZED.append((type(model), with_grad, len(trainable)))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pruned, dataset):
-    record = {"on_train_batch_end": [lambda trainer: THREADS_SEEN.append(torch.get_num_threads())]}
+    record = {"on_train_batch_end": [lambda trainer: THREADS_SEEN.append(torch.get_num_threads())],
+              "on_train_end": [lambda trainer: STEPS.append(max(int(s["step"]) for s in
+                                                                trainer.optimizer.state.values()))]}
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the caller's count, which the run must give back
     try:
         result = finetune(pruned, dataset, epochs=1, imgsz=IMGSZ, batch=4, threads=1, callbacks=record,
-                          out_dir=tmp_path_factory.mktemp("runs") / "ft")
+                          regularizer=regularizer, out_dir=tmp_path_factory.mktemp("runs") / "ft")
         THREADS_SEEN.append(torch.get_num_threads())
     finally:
         torch.set_num_threads(before)
@@ -92,6 +103,15 @@ def test_training_runs_on_the_threads_asked_for_and_restores_the_count(trained):
     assert during and set(during) == {1}  # every batch of the run trained on one thread
     assert after == 2  # the caller's count came back
     assert cpu_threads(None) == len(os.sched_getaffinity(0)) and cpu_threads(3) == 3  # None: every core
+
+
+def test_regularizer_sees_the_unwrapped_model_between_backward_and_step(trained):
+    from ultralytics.nn.tasks import DetectionModel
+
+    assert len(REGULARIZED) == STEPS[0] >= 1  # once per optimiser step
+    for kind, with_grad, trainable in REGULARIZED:
+        assert kind is DetectionModel  # unwrapped: the model itself, not a DDP wrapper
+        assert with_grad >= 0.9 * trainable  # after backward: (nearly) every trainable weight has a gradient
 
 
 def test_training_keeps_the_pruned_architecture(trained, pruned):

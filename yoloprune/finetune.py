@@ -117,6 +117,8 @@ class PrunedTrainerMixin:
             self.callbacks[event] = [f for f in fns if not _is_integration(f)]
         self.shuffler: EpochShuffle | None = None  # the training loader's sampler, once built (see get_dataloader)
         self.cpu_threads: int | None = None  # torch threads on the CPU (None: every core); set before train()
+        # Called on the unwrapped model between backward and the optimiser step (e.g. sparsity's gradient penalty)
+        self.regularizer: Callable[[nn.Module], None] | None = None
         self.callbacks["on_train_epoch_start"].insert(0, seed_epoch)
         if RANK in {-1, 0} and not self.resume:
             for name in (BEST_FP32, RESUME_STATE):  # a previous run's files must not become this run's
@@ -132,6 +134,24 @@ class PrunedTrainerMixin:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(self.cpu_threads))
         super()._setup_train()
+
+    def optimizer_step(self) -> None:
+        """Step as Ultralytics does, after ``regularizer`` (if set) has changed the unscaled gradients.
+
+        The regularizer sees true gradients: under AMP they are unscaled first, and
+        ``GradScaler.unscale_`` raises when called twice in one step, so the second call
+        inside ``BaseTrainer.optimizer_step`` is skipped for this step only.
+        """
+        if self.regularizer is None:
+            super().optimizer_step()
+            return
+        self.scaler.unscale_(self.optimizer)
+        self.regularizer(unwrap_model(self.model))
+        self.scaler.unscale_ = lambda optimizer: None  # on this trainer's scaler only, for this step only
+        try:
+            super().optimizer_step()
+        finally:
+            del self.scaler.unscale_  # the instance attribute goes; GradScaler's method shows again
 
     def run_callbacks(self, event: str) -> None:
         """Run the event's callbacks except integrations (they are added inside ``BaseTrainer.__init__``)."""
@@ -444,6 +464,7 @@ def finetune(
     workers: int = 0,
     threads: int | None = None,
     callbacks: dict[str, list[Callable]] | None = None,
+    regularizer: Callable[[nn.Module], None] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the pruned checkpoint ``model`` on ``data``; return where best.pt (fp32) and last.pt are.
@@ -456,7 +477,9 @@ def finetune(
     anyway. ``threads`` is torch's thread count on the CPU (None: every core; see
     ``cpu_threads``). ``callbacks`` adds functions to Ultralytics' trainer events
     (``{"on_fit_epoch_end": [fn]}``); ``overrides`` are other Ultralytics training
-    settings (lr0, optimizer, cache, amp, plots, ...).
+    settings (lr0, optimizer, cache, amp, plots, ...). ``regularizer`` is called on the
+    unwrapped model after each backward pass and before the optimiser step (it may
+    change the gradients, e.g. add a sparsity penalty's); it is not resumed state.
     """
     from ultralytics.nn.tasks import guess_model_task
 
@@ -503,6 +526,7 @@ def finetune(
     with torch_threads_kept():  # the trainer changes the process-wide torch thread count
         trainer = TRAINERS[task](overrides=args, _callbacks=events)
         trainer.cpu_threads = threads
+        trainer.regularizer = regularizer
         if not resume and RANK in {-1, 0}:
             fingerprint = _fingerprint(model, data, {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides})
             write_json(fingerprint, Path(trainer.save_dir) / SOURCE)
