@@ -1,16 +1,24 @@
-"""params.yaml is checked at the edge: typos and wrong types are one-line errors."""
+"""params.yaml and the CLI build the same frozen configs, checked at the edge: typos and wrong types are one-line errors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
+from yoloprune.benchmark import BenchmarkConfig
+from yoloprune.cli import build_parser
+from yoloprune.config import Config, DatasetConfig, FinetuneConfig, TrainConfig
 from yoloprune.errors import YoloPruneError
-from yoloprune.params import SCHEMA, data_yaml, load_params
+from yoloprune.export import ExportConfig
+from yoloprune.params import SECTIONS, data_yaml, load_params
+from yoloprune.prune import PruneConfig
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = (DatasetConfig, TrainConfig, FinetuneConfig, PruneConfig, ExportConfig, BenchmarkConfig)
 
 
 def write(tmp_path, change) -> Path:
@@ -21,29 +29,99 @@ def write(tmp_path, change) -> Path:
     return path
 
 
-def test_repository_params_are_valid_and_top_level_knobs_exist():
+def test_repository_params_build_every_config():
     params = load_params(REPO / "params.yaml")
     assert {"speed_up", "method", "model", "data", "imgsz"} <= params.keys()
-    assert params.keys() == SCHEMA.keys()
+    assert set(params) - {"speed_up", "method", "model", "data", "imgsz"} <= set(SECTIONS)
     assert data_yaml(params) == Path("data/synthetic/data.yaml")
+    for config in CONFIGS:  # every key of every section is a field of its config, with the field's type
+        config.from_params(params, **({"data": None} if config is BenchmarkConfig else {}))
+    prune = PruneConfig.from_params(params)
+    assert (prune.speed_up, prune.method, prune.imgsz) == (params["speed_up"], params["method"], params["imgsz"])
+    assert prune.round_to == params["prune"]["round_to"] and isinstance(prune.speed_up, float)
+    finetune = FinetuneConfig.from_params(params)
+    assert finetune.args == params["finetune"]["args"] and finetune.device == params["finetune"]["device"]
+    assert ExportConfig.from_params(params).imgsz == params["imgsz"]
 
 
 @pytest.mark.parametrize(
     ("change", "words"),
     [
         (lambda p: p.update(speedup=3), "unknown key 'speedup' (did you mean 'speed_up'?)"),
-        (lambda p: p["prune"].update(roundto=8), "unknown key 'prune.roundto' (did you mean 'round_to'?)"),
-        (lambda p: p["finetune"].update(epochs="5"), "'finetune.epochs' must be int, got '5'"),
-        (lambda p: p.update(speed_up="fast"), "'speed_up' must be int or float"),
-        (lambda p: p["prune"].update(global_pruning="yes"), "'prune.global_pruning' must be bool"),
-        (lambda p: p["prune"].update(round_to=True), "'prune.round_to' must be int, got True"),
+        (lambda p: p.update(prun={}), "unknown key 'prun' (did you mean 'prune'?)"),
+        (lambda p: p["finetune"].update(epochs="5"), "params.yaml: finetune.epochs must be an int, got '5'"),
+        (lambda p: p["finetune"].update(epoch=5), "unknown key 'finetune.epoch' (did you mean 'epochs'?)"),
+        (lambda p: p["baseline"].update(threads=1.5), "baseline.threads must be an int or null, got 1.5"),
+        (lambda p: p["dataset"].update(seed=True), "dataset.seed must be an int, got True"),
+        (lambda p: p.update(speed_up="fast"), "speed_up must be a number, got 'fast'"),
         (lambda p: p.pop("method"), "missing key(s) method"),
+        (lambda p: p.update(finetune=[1]), "finetune must be a mapping"),
     ],
 )
 def test_bad_params_are_named(tmp_path, change, words):
     with pytest.raises(YoloPruneError) as e:
         load_params(write(tmp_path, change))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        ({"roundto": 8}, "params.yaml: unknown key 'prune.roundto' (did you mean 'round_to'?)"),
+        ({"round_to": "x"}, "params.yaml: prune.round_to must be an int, got 'x'"),
+        ({"global_pruning": "yes"}, "prune.global_pruning must be true or false, got 'yes'"),
+        ({"round_to": True}, "prune.round_to must be an int, got True"),
+        ({"speed_up": 3}, "'prune.speed_up' is a top-level key"),
+    ],
+)
+def test_section_keys_and_types_are_the_dataclass_fields(section, words):
+    params = {"speed_up": 2.0, "method": "lamp", "imgsz": 160, "prune": section}
+    with pytest.raises(YoloPruneError) as e:
+        PruneConfig.from_params(params)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_and_params_give_equal_configs():
+    params = load_params(REPO / "params.yaml")
+    p = params["prune"]
+    args = build_parser().parse_args([
+        "prune", "yolov8n.yaml", "--speed-up", str(params["speed_up"]), "--method", params["method"],
+        "--imgsz", str(params["imgsz"]), "--iterative-steps", str(p["iterative_steps"]), "--round-to",
+        str(p["round_to"]), "--max-layer-ratio", str(p["max_layer_ratio"]),
+        "--global-pruning" if p["global_pruning"] else "--no-global-pruning",
+    ])
+    assert PruneConfig.from_args(args) == PruneConfig.from_params(params)
+    args = build_parser().parse_args(["export", "m.pt", "--imgsz", str(params["imgsz"])]
+                                     + (["--opset", str(params["export"]["opset"])] if params["export"]["opset"] else []))
+    assert ExportConfig.from_args(args) == ExportConfig.from_params(params)
+    # a flag left unset keeps the dataclass default; a wrong type names the flag
+    assert PruneConfig.from_args({"imgsz": 320}) == PruneConfig(imgsz=320)
+    with pytest.raises(YoloPruneError, match=r"^command line: --round-to must be an int, got '8'$"):
+        PruneConfig.from_args({"round_to": "8"})
+
+
+@dataclass(frozen=True)
+class Inner(Config):
+    method: Literal["kd", "none"] = "none"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Outer(Config):
+    SECTION = "outer"
+
+    inner: Inner = field(default_factory=Inner)
+    extra: dict = field(default_factory=dict)
+
+
+def test_nested_sections_and_literals():
+    built = Outer.from_params({"outer": {"inner": {"method": "kd", "weight": 2}, "extra": {"a": 1}}})
+    assert built == Outer(Inner("kd", 2.0), {"a": 1}) and isinstance(built.inner.weight, float)
+    assert Outer.from_params({}) == Outer()  # a missing section is the defaults
+    with pytest.raises(YoloPruneError, match=r"unknown key 'outer.inner.wieght' \(did you mean 'weight'\?\)"):
+        Outer.from_params({"outer": {"inner": {"wieght": 2}}})
+    with pytest.raises(YoloPruneError, match=r"outer.inner.method must be one of 'kd', 'none', got 'kl'"):
+        Outer.from_params({"outer": {"inner": {"method": "kl"}}})
 
 
 def test_missing_and_malformed_file(tmp_path):

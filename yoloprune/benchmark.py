@@ -26,14 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError, check_imgsz
 
 LOGGER = logging.getLogger("yoloprune")
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
+class BenchmarkConfig(Config):
     """Validated benchmark settings."""
+
+    SECTION = "benchmark"
+    INHERITS = ("imgsz",)
 
     imgsz: int = 640  # square input size, a multiple of the stride 32
     batch: int = 1  # images per forward pass

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.io import scratch_dir
 
@@ -67,8 +68,11 @@ TOLERANCE = {False: 1e-4, True: 2e-2}  # max error relative to output scale, by 
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Config):
     """Validated export settings, named as Ultralytics' ``export`` arguments."""
+
+    SECTION = "export"
+    INHERITS = ("imgsz",)
 
     format: str = "onnx"  # see FORMATS
     imgsz: int = 640  # square input size, a multiple of the stride 32

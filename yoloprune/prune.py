@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ultralytics.nn.modules import Conv, Detect
 from ultralytics.nn.modules.block import Proto
 
+from yoloprune.config import Config
 from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
@@ -34,8 +35,11 @@ BRANCHES = ("auto", "one2one", "one2many")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Config):
     """Validated pruning settings; every field is checked here, at the edge."""
+
+    SECTION = "prune"
+    INHERITS = ("speed_up", "method", "imgsz")
 
     speed_up: float = 2.0  # target base MACs / pruned MACs at imgsz
     method: str = "lamp"  # importance criterion, see yoloprune.importance.METHODS
