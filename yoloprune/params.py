@@ -23,7 +23,9 @@ from yoloprune.errors import YoloPruneError
 CHECKED = {"dataset": DatasetConfig, "baseline": TrainConfig, "finetune": FinetuneConfig}
 SECTIONS = (*CHECKED, "prune", "export", "benchmark", "sparsity")
 
-SYNTHETIC = "synthetic"  # params `data` value that selects the generated dataset
+# params `data` value that selects the generated dataset: the dataset stage's output folder, so that dvc.yaml can
+# declare `${data}` as a dependency whatever the user passes (their data.yaml or dataset folder is then tracked).
+SYNTHETIC = "data/synthetic"
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -44,5 +46,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def data_yaml(params: dict[str, Any]) -> Path:
-    """Return the data.yaml the pipeline trains and validates on."""
-    return Path("data/synthetic/data.yaml") if params["data"] == SYNTHETIC else Path(params["data"])
+    """Return the data.yaml the pipeline trains and validates on: ``data`` itself, or the data.yaml in that folder."""
+    path = Path(params["data"])
+    return path if path.suffix in {".yaml", ".yml"} else path / "data.yaml"

@@ -1,0 +1,147 @@
+"""dvc.yaml tells the truth: every stage depends on exactly the library code it runs, and the plots render offline.
+
+No DVC run here: dvc.yaml is parsed as YAML, its ``${...}`` resolved from params.yaml, and each stage's imports
+derived from its script with ``ast`` (transitively over yoloprune/, lazy imports inside functions included: they
+run too). A stage that misses a module it runs is called up to date with a stale result; one that lists a module it
+never runs re-runs for nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "yoloprune"
+
+
+def module_file(root: Path, name: str) -> Path | None:
+    """Return the file of module ``name`` under ``root`` (a module or a package's __init__), None if not ours."""
+    if name.split(".")[0] != PACKAGE:
+        return None
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _statements(node: ast.AST):
+    """Yield every import statement that runs, skipping `if TYPE_CHECKING:` bodies (they never do)."""
+    children = node.orelse if isinstance(node, ast.If) and _is_type_checking(node) else ast.iter_child_nodes(node)
+    for child in children:
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        else:
+            yield from _statements(child)
+
+
+def direct_imports(root: Path, path: Path) -> set[Path]:
+    """Return the package files ``path`` imports: each module, the modules named in `from pkg import mod`, and
+    the __init__ of every package on the way (importing yoloprune.a.b runs yoloprune/__init__.py first)."""
+    rel = path.relative_to(root).with_suffix("")
+    here = list(rel.parts[:-1])  # the package a relative import starts from (the same for an __init__)
+    names: set[str] = set()
+    for node in _statements(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+            continue
+        base = here[: len(here) - node.level + 1] if node.level else []
+        module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+        names.add(module)
+        names.update(f"{module}.{a.name}" for a in node.names)  # kept only where it is a module
+    files = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            file = module_file(root, ".".join(parts[:i]))
+            if file is not None:
+                files.add(file)
+    return files
+
+
+def code_deps(root: Path, script: Path) -> set[str]:
+    """Return the package files ``script`` runs, transitively, as repo-relative posix paths."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for file in direct_imports(root, todo.pop()) - seen:
+            seen.add(file)
+            todo.append(file)
+    return {p.relative_to(root).as_posix() for p in seen}
+
+
+def resolve(value, params: dict):
+    """Return ``value`` with each ``${a.b}`` replaced from params.yaml, as DVC's templating does."""
+    if isinstance(value, str):
+        def lookup(m: re.Match) -> str:
+            node = params
+            for key in m.group(1).strip().split("."):
+                node = node[key]
+            return str(node)
+        return re.sub(r"\$\{([^}]+)\}", lookup, value)
+    if isinstance(value, list):
+        return [resolve(v, params) for v in value]
+    if isinstance(value, dict):
+        return {resolve(k, params): resolve(v, params) for k, v in value.items()}
+    return value
+
+
+def stages(root: Path = REPO) -> dict[str, dict]:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return resolve(yaml.safe_load((root / "dvc.yaml").read_text())["stages"], params)
+
+
+def dep_paths(stage: dict) -> list[str]:
+    return [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
+
+
+def script_of(stage: dict) -> str:
+    found = re.findall(r"\bstages/\w+\.py\b", stage["cmd"])
+    assert len(found) == 1, f"one stage script per command, got {stage['cmd']!r}"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_stage_deps_are_exactly_the_code_it_runs(name):
+    stage = stages()[name]
+    script = script_of(stage)
+    deps = dep_paths(stage)
+    assert script in deps, f"{name}: its script {script} is not a dependency"
+    declared = {d for d in deps if d.split("/")[0] == PACKAGE}
+    runs = code_deps(REPO, REPO / script)
+    missing, extra = sorted(runs - declared), sorted(declared - runs)
+    assert not missing and not extra, (f"dvc.yaml stage '{name}': add {missing} to its deps (it runs them), "
+                                       f"remove {extra} (it never imports them)")
+
+
+def test_import_walk_follows_lazy_relative_and_package_imports(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": f"from {PACKAGE} import offline\n",
+        "offline.py": "import os\n",
+        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from yoloprune import unused\n"
+                "def f():\n    from .sub.b import g\n",
+        "unused.py": "",
+        "lone.py": "",
+        "sub/__init__.py": "",
+        "sub/b.py": "from .. import c\n",
+        "c.py": "import yoloprune.sub\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    (tmp_path / "stage.py").write_text("from yoloprune.a import f\n")
+    got = code_deps(tmp_path, tmp_path / "stage.py")
+    want = {f"{PACKAGE}/{p}" for p in ("__init__.py", "offline.py", "a.py", "sub/__init__.py", "sub/b.py", "c.py")}
+    assert got == want  # not unused.py (type checking only) nor lone.py (never imported)
