@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-all review study study-probe clean
+.PHONY: setup run demo test test-all review study clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,29 +34,18 @@ test-all: setup
 BASE ?= main
 REV ?=
 review: setup
-	@$(BIN)/python -m yoloprune.review --base $(BASE) $(if $(REV),--head $(REV))
+	@$(BIN)/python -m tools.review --base $(BASE) $(if $(REV),--head $(REV))
 
-# The measured study (docs/results.md and its plot): the sweep of DVC experiments in yoloprune/study.py, queued, run
-# by two background queue workers (one training thread each; an experiment is queued once its baseline is trained),
-# then the equal-budget controls and the report. Resumable: after an interruption (Ctrl-C leaves the workers
-# running) `make study` again skips what is queued or done and waits for the rest; `dvc queue stop --kill` stops
-# them. `python -m yoloprune.study plan` lists the experiments, runs nothing.
+# The measured study (docs/results.md, its plot and docs/study/experiments.csv): the sweep of DVC experiments in
+# tools/study.py (per generation: 2x and 3x for the MACs and the latency target, with and without distillation),
+# queued, run two at a time (each queued once its baseline is trained), the equal-budget controls, then the report.
+# Run again, it skips what is done. `python -m tools.study plan` prints the queue commands; `python -m tools.study
+# report --csv docs/study/experiments.csv` redraws the report from the committed table without running anything.
 study: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study queue
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study run
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study control
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
-
-# The probes, checks on the study itself: each generation's 2x experiment again with its baseline trained half as long
-# and a control on it (the report's "Baseline budget"), seed replicates of each generation's 2x experiment ("Run-to-run
-# spread": the noise `python -m yoloprune.study compare` holds two runs against) and the 3x remedy for yolo11n and
-# yolo26n ("Remedy tried"); then the report. Not part of `make study`, which has to fit in 180 minutes on
-# a 2-core CPU (their baselines cost as much as the sweep's); resumable alike.
-study-probe: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe queue
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe run
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study --probe control
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m yoloprune.study report
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.study queue
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.study run
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.study control
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.study report
 
 clean:
 	rm -rf $(VENV) .pytest_cache

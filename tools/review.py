@@ -7,8 +7,8 @@ side is the workspace unless ``head`` names a revision, so a pipeline just
 reproduced (outputs not committed) is what the reviewer sees. A revision is a
 branch, tag or commit, or the name of a ``dvc exp run`` experiment.
 
-    python -m yoloprune.review --base main                  # or: make review BASE=main
-    python -m yoloprune.review --base base-ci --head pr-ci  # two experiments (make review BASE=base-ci REV=pr-ci)
+    python -m tools.review --base main                  # or: make review BASE=main
+    python -m tools.review --base base-ci --head pr-ci  # two experiments (make review BASE=base-ci REV=pr-ci)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from yoloprune.errors import YoloPruneError
 
-LOGGER = logging.getLogger("yoloprune")
+LOGGER = logging.getLogger("tools.review")
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def review_markdown(base: str = "main", repo: str | Path = ".", head: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m yoloprune.review [--base REV] [--head REV] [--all]``: print the review markdown; 2 on an error."""
-    parser = argparse.ArgumentParser(prog="python -m yoloprune.review", description=__doc__.splitlines()[0])
+    """``python -m tools.review [--base REV] [--head REV] [--all]``: print the review markdown; 2 on an error."""
+    parser = argparse.ArgumentParser(prog="python -m tools.review", description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="main", help="branch, tag or commit to compare with (default main)")
     parser.add_argument("--head", default=None, help="revision to review (default: the workspace)")
     parser.add_argument("--all", action="store_true", dest="all_rows", help="also list unchanged params and metrics")
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = review_markdown(args.base, args.repo, args.head, args.all_rows)
     except YoloPruneError as e:
-        print(f"yoloprune review: error: {e}", file=sys.stderr)
+        print(f"tools.review: error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(text)
     return 0

@@ -1,7 +1,8 @@
-"""yoloprune.review: the pull-request markdown, on a real pruning stage in a temporary git + DVC repository."""
+"""tools.review: the pull-request markdown, on a real pruning stage in a temporary git + DVC repository."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,9 +12,13 @@ import pytest
 import yaml
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.review import Revision, format_review, main, resolve_rev, review_markdown
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # tools/ sits beside the package, not installed with it
+review = importlib.import_module("tools.review")
+Revision, format_review, main = review.Revision, review.format_review, review.main
+resolve_rev, review_markdown = review.resolve_rev, review.review_markdown
+
 BIN = Path(sys.executable).parent
 
 # One real, cheap stage: prune yolov8n from its yaml (seeded weights) at imgsz 64 with a 20-step schedule.
@@ -49,6 +54,7 @@ def table(markdown: str, section: str) -> dict[str, list[str]]:
     return {r[1]: r for r in rows[2:]}  # skip the header and the |---| rule
 
 
+@pytest.mark.slow  # two `dvc repro` of a pruning stage: ~15 s of CPU, more on a busy machine
 def test_review_shows_the_old_and_new_speed_up(tmp_path):
     repo = git_dvc_repo(tmp_path)
     (repo / "params.yaml").write_text("speed_up: 2\nmethod: lamp\n")
@@ -100,7 +106,7 @@ def test_errors_outside_a_repository_and_for_an_unknown_base(tmp_path, capsys):
         review_markdown("nosuch", tmp_path)
     assert main(["--base", "nosuch", "--repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("yoloprune review: error: revision 'nosuch'")
+    assert len(err.splitlines()) == 1 and err.startswith("tools.review: error: revision 'nosuch'")
 
 
 def test_base_falls_back_to_the_remote_tracking_branch(tmp_path):
@@ -123,3 +129,44 @@ def test_pr_review_workflow_reproduces_and_comments():
     for command in ("make setup", "dvc pull", "dvc repro", "dvc exp run", "make -s review"):
         assert command in runs, command
     assert any(s.get("uses", "").startswith("actions/github-script@") for s in steps)  # posts the comment
+
+
+def run_step(name: str, tmp_path: Path, remotes: str, pull_ok: bool = True) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a workflow step's script as GitHub does (bash -eo pipefail) against a fake dvc and python; return the
+    process and what it wrote to $GITHUB_OUTPUT."""
+    steps = yaml.safe_load((REPO / ".github/workflows/pr-review.yml").read_text())["jobs"]["review"]["steps"]
+    script = next(s["run"] for s in steps if s.get("name", "").startswith(name))
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (tmp_path / "remotes").write_text(remotes)
+    (fake / "dvc").write_text(f'#!/bin/sh\ncase "$1" in remote) cat "{tmp_path}/remotes" ;; '
+                              f'pull) exit {0 if pull_ok else 1} ;; esac\n')
+    (fake / "python").write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then echo 3.67.1; else echo "$@" >> "{tmp_path}/pip"; fi\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "github_output"
+    out.write_text("")
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "GITHUB_OUTPUT": str(out), "DVC_REMOTE_URL": ""}
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], env=env,
+                          capture_output=True, text=True, check=False)
+    return proc, out.read_text()
+
+
+def test_workflow_installs_the_plugin_each_remote_needs(tmp_path):
+    proc, _ = run_step("Install the DVC plugin", tmp_path, "storage\ts3://bucket/cache\nmirror\tgs://b/c (default)\n")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pip").read_text().split() == ["-m", "pip", "install", "-q", "dvc[s3,gs]==3.67.1"]
+    (tmp_path / "pip").unlink()
+    proc, _ = run_step("Install the DVC plugin", tmp_path, "local\t/mnt/dvc-cache\nweb\thttps://example.com/c\n")
+    assert proc.returncode == 0 and not (tmp_path / "pip").exists()  # DVC's core reads those
+    proc, _ = run_step("Install the DVC plugin", tmp_path, "odd\tfoo://bucket\n")
+    assert proc.returncode == 1 and "::error::DVC remote foo://bucket" in proc.stdout
+
+
+def test_workflow_fails_loudly_when_a_configured_remote_cannot_be_pulled(tmp_path):
+    proc, mode = run_step("Pull cached outputs", tmp_path, "storage\ts3://bucket/cache\n", pull_ok=False)
+    assert proc.returncode == 1 and "::error::dvc pull" in proc.stdout and mode == ""  # no fallback to small
+    proc, mode = run_step("Pull cached outputs", tmp_path, "storage\ts3://bucket/cache\n")
+    assert proc.returncode == 0 and mode == "mode=remote\n"
+    proc, mode = run_step("Pull cached outputs", tmp_path, "")
+    assert proc.returncode == 0 and mode == "mode=small\n"
