@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from ultralytics.nn.modules import C2PSA, C2f, C3k2, Conv
-from ultralytics.nn.modules.block import Attention
+from ultralytics.nn.modules.block import PSA, AAttn, Attention, C2fCIB
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.modules import C2PSAV2, AttentionV2, C2fV2, C3k2V2
+from yoloprune.modules import C2PSAV2, PSAV2, AAttnV2, AttentionV2, C2fV2, C3k2V2
 
 Converter = Callable[[nn.Module], nn.Module]
 CONVERTERS: dict[type[nn.Module], Converter] = {}
@@ -57,9 +57,9 @@ def _halves(conv: Conv, c: int) -> tuple[Conv, Conv]:
     return slice_conv(conv, torch.arange(0, c)), slice_conv(conv, torch.arange(c, 2 * c))
 
 
-@register(C2f)
+@register(C2f, C2fCIB)
 def convert_c2f(m: C2f) -> C2fV2:
-    """C2f: ``cv1(x).chunk(2)`` becomes two convolutions."""
+    """C2f (and YOLOv10's C2fCIB, whose CIB blocks split nothing): ``cv1(x).chunk(2)`` becomes two convolutions."""
     cv0, cv1 = _halves(m.cv1, m.c)
     return C2fV2(cv0, cv1, m.cv2, m.m)
 
@@ -78,6 +78,13 @@ def convert_c2psa(m: C2PSA) -> C2PSAV2:
     return C2PSAV2(cv1a, cv1b, m.cv2, m.m)
 
 
+@register(PSA)
+def convert_psa(m: PSA) -> PSAV2:
+    """PSA (YOLOv10): ``cv1(x).split((c, c))`` becomes a bypass and an attention-branch convolution."""
+    cv1a, cv1b = _halves(m.cv1, m.c)
+    return PSAV2(cv1a, cv1b, m.attn, m.ffn, m.cv2)
+
+
 @register(Attention)
 def convert_attention(m: Attention) -> AttentionV2:
     """Attention: the fused qkv convolution becomes q, k and v, keeping the per-head channel layout."""
@@ -89,6 +96,15 @@ def convert_attention(m: Attention) -> AttentionV2:
     v_idx = (base + 2 * kd + torch.arange(hd)).flatten()
     q, k, v = (slice_conv(m.qkv, i) for i in (q_idx, k_idx, v_idx))
     return AttentionV2(q, k, v, m.proj, m.pe, nh, kd, hd, m.scale)
+
+
+@register(AAttn)
+def convert_aattn(m: AAttn) -> AAttnV2:
+    """AAttn (YOLO12's area attention): the fused qkv convolution becomes q, k and v, heads laid out as before."""
+    nh, hd = m.num_heads, m.head_dim
+    base = torch.arange(nh)[:, None] * 3 * hd
+    q, k, v = (slice_conv(m.qkv, (base + j * hd + torch.arange(hd)).flatten()) for j in range(3))
+    return AAttnV2(q, k, v, m.proj, m.pe, nh, hd, m.area)
 
 
 def _replace_children(module: nn.Module) -> int:

@@ -27,8 +27,8 @@ from torch import nn
 
 from yoloprune.errors import YoloPruneError
 
-SUPPORTED = "YOLOv8, YOLO11 and YOLO26 (detect, segment, pose, obb, classify)"
-SUPPORTED_HEADS = {"Detect", "Segment", "Segment26", "Pose", "Pose26", "OBB", "OBB26", "Classify"}
+SUPPORTED = "YOLOv8, YOLOv10, YOLO11, YOLO12 and YOLO26 (detect, segment, pose, obb, classify)"
+SUPPORTED_HEADS = {"Detect", "v10Detect", "Segment", "Segment26", "Pose", "Pose26", "OBB", "OBB26", "Classify"}
 
 
 def _check_supported(model: nn.Module, source: str) -> nn.Module:

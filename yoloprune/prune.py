@@ -27,7 +27,7 @@ from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
 from yoloprune.macs import MacCounter, count_params
-from yoloprune.modules import AttentionV2
+from yoloprune.modules import AAttnV2, AttentionV2
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -113,8 +113,8 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def attention_internals(model: nn.Module) -> list[nn.Module]:
-    """Return the q/k/v/pe convolutions of every attention block, kept whole (see AttentionV2)."""
-    return [c for m in model.modules() if isinstance(m, AttentionV2) for c in (m.q, m.k, m.v, m.pe)]
+    """Return the q/k/v/pe convolutions of every attention block, kept whole (see AttentionV2 and AAttnV2)."""
+    return [c for m in model.modules() if isinstance(m, (AttentionV2, AAttnV2)) for c in (m.q, m.k, m.v, m.pe)]
 
 
 def deployed_branch(model: nn.Module, branch: str = "auto") -> tuple[str, list[nn.Module]]:
