@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,68 @@ def test_import_walk_follows_lazy_relative_and_package_imports(tmp_path):
     got = code_deps(tmp_path, tmp_path / "stage.py")
     want = {f"{PACKAGE}/{p}" for p in ("__init__.py", "offline.py", "a.py", "sub/__init__.py", "sub/b.py", "c.py")}
     assert got == want  # not unused.py (type checking only) nor lone.py (never imported)
+
+
+# --- the user's own files are dependencies -------------------------------------------------------------------------
+
+def stale(repo: Path) -> set[str]:
+    """Return the stages `dvc status` reports."""
+    from dvc.repo import Repo
+
+    with Repo(repo) as r:
+        return set(r.status())
+
+
+def commit(repo: Path) -> None:
+    """Record the workspace in dvc.lock, as `dvc commit --force` does."""
+    from dvc.repo import Repo
+
+    with Repo(repo) as r:
+        r.commit(force=True)
+
+
+@pytest.fixture
+def user_pipeline(tmp_path, monkeypatch) -> tuple[Path, Path, Path]:
+    """A copy of the pipeline pointed at the user's own model and data, every output faked and recorded in dvc.lock
+    by `dvc commit` (nothing is trained): DVC then judges only whether the declared inputs changed."""
+    repo, user = tmp_path / "repo", tmp_path / "user"
+    repo.mkdir()
+    for rel in ("dvc.yaml", "params.yaml", "stages", "yoloprune", "configs"):
+        if (REPO / rel).is_dir():
+            shutil.copytree(REPO / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / rel, repo / rel)
+    (user / "images").mkdir(parents=True)
+    model, data = user / "best.pt", user / "data.yaml"
+    model.write_bytes(b"weights v1")
+    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: thing}\n")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.update(model=str(model), data=str(data))  # what `dvc exp run -S model=... -S data=...` writes
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in stages(repo).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                out = repo / (next(iter(entry)) if isinstance(entry, dict) else entry)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if out.suffix:
+                    out.write_text("{}\n")
+                else:  # a folder (the synthetic dataset)
+                    out.mkdir(exist_ok=True)
+                    (out / "UNUSED").write_text("\n")
+    from dvc.repo import Repo
+
+    monkeypatch.chdir(repo)  # DVC's API resolves a stage's folder from the working directory
+    Repo.init(repo, no_scm=True).close()
+    commit(repo)
+    assert stale(repo) == set()
+    return repo, model, data
+
+
+def test_user_files_are_dependencies(user_pipeline):
+    repo, model, data = user_pipeline
+    model.write_bytes(b"weights v2")  # retrained in place: the same path, new bytes
+    assert stale(repo) == {"baseline"}  # the one stage that reads it; the rest follow once it re-ran
+    commit(repo)
+    data.write_text(data.read_text() + "names: {0: thing, 1: other}\n")
+    readers = {name for name, stage in stages(repo).items() if "data_yaml(" in (repo / script_of(stage)).read_text()}
+    assert "baseline" in readers and stale(repo) == readers  # every stage whose script reads the data.yaml
