@@ -44,7 +44,7 @@ JOBS = 2  # experiments at once, one training thread each (PROFILE): measured 6-
 PROFILE: dict[str, Any] = {"baseline.epochs": 120, "baseline.threads": 1, "finetune.threads": 1,
                            "benchmark.iters": 100, "benchmark.warmup": 10}
 BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")  # equal values: one baseline, shared
-GENERATIONS = ("yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml")
+GENERATIONS = ("configs/yolov8n.yaml", "configs/yolo11n.yaml", "configs/yolo26n.yaml")  # Ultralytics' yamls
 SPEED_UPS = (2.0, 3.0)
 VARIANTS = (("macs", "none"), ("latency", "none"), ("macs", "both"))  # (prune.target, finetune.distill.method)
 DISTILL_ALONE = ("output", "cwd")  # yolov8n at 2x: each half of "both" on its own
@@ -274,6 +274,7 @@ def run_control(name: str, source: Experiment, repo: str | Path = ".", out_dir: 
     from yoloprune.benchmark import benchmark
     from yoloprune.data import make_dataset
     from yoloprune.finetune import finetune
+    from yoloprune.params import SYNTHETIC, data_yaml
 
     rec = next((r for r in current(parse_exp_show(exp_show(repo)), repo)
                 if r.name == source.dvc_name and r.finished), None)
@@ -289,7 +290,7 @@ def run_control(name: str, source: Experiment, repo: str | Path = ".", out_dir: 
     p, f, b = rec.params, rec.params["finetune"], rec.params["benchmark"]
     d = p["dataset"]
     data = make_dataset(work / "data", d["n_train"], d["n_val"], p["imgsz"], d["seed"]) \
-        if p["data"] == "synthetic" else Path(p["data"])
+        if p["data"] == SYNTHETIC else data_yaml(p)
     result = finetune(work / "baseline.pt", data, epochs=f["epochs"], imgsz=p["imgsz"], batch=f["batch"],
                       device=str(f["device"]), threads=f.get("threads"), out_dir=work / "finetune",
                       workers=f.get("workers", 0), **(f.get("args") or {}))
@@ -343,13 +344,14 @@ def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bo
 def points(df: pd.DataFrame) -> pd.DataFrame:
     """Return the plotted points: each run, and each generation's baseline (median over the runs that trained it
     alike), with each generation's Pareto front."""
-    runs = df.assign(label=df["experiment"])[["label", "kind", "model", "latency_ms", "map50_95"]]
-    base = df[df["kind"] == "pruned"].groupby("model", sort=False)[["base_latency_ms", "base_map50_95"]].median()
+    df = df.assign(family=df["model"].map(family), label=df["experiment"])  # a yaml's family, wherever it lies
+    runs = df[["label", "kind", "family", "latency_ms", "map50_95"]]
+    base = df[df["kind"] == "pruned"].groupby("family", sort=False)[["base_latency_ms", "base_map50_95"]].median()
     base = base.reset_index().rename(columns={"base_latency_ms": "latency_ms", "base_map50_95": "map50_95"})
-    base = base.assign(label=[f"{family(m)} baseline" for m in base["model"]], kind="baseline")
+    base = base.assign(label=[f"{f} baseline" for f in base["family"]], kind="baseline")
     pts = pd.concat([runs, base[runs.columns]], ignore_index=True)
     pts["front"] = False
-    for _, g in pts.groupby("model", sort=False):
+    for _, g in pts.groupby("family", sort=False):
         pts.loc[g.index, "front"] = pareto_front(g["latency_ms"], g["map50_95"])
     return pts
 
@@ -369,30 +371,31 @@ def plot(df: pd.DataFrame, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     pts = points(df).set_index("label")
+    df = df.assign(family=df["model"].map(family))
     pruned = df[df["kind"] == "pruned"]
     default_ft = pruned["ft_epochs"].mode().iloc[0] if len(pruned) else math.nan
     labels = [variant(r, default_ft) for r in pruned.itertuples()]
     colours = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(labels))}
-    models = list(dict.fromkeys(df["model"]))
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(4.6 * max(len(models), 1), 4.6), squeeze=False)
+    families = list(dict.fromkeys(df["family"]))
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(4.6 * max(len(families), 1), 4.6), squeeze=False)
     handles: dict[str, Any] = {}
-    for ax, model in zip(axes[0], models, strict=False):
-        mine = pruned.assign(variant=labels)[pruned["model"] == model]
+    for ax, fam in zip(axes[0], families, strict=False):
+        mine = pruned.assign(variant=labels)[pruned["family"] == fam]
         for v, g in mine.groupby("variant", sort=False):
             g = g.sort_values("speed_up")
             handles[v], = ax.plot(g["latency_ms"], g["map50_95"], "o-", color=colours[v], ms=5, lw=1.2)
-        b = pts[(pts["model"] == model) & (pts["kind"] == "baseline")]
+        b = pts[(pts["family"] == fam) & (pts["kind"] == "baseline")]
         handles["baseline (unpruned)"] = ax.scatter(b["latency_ms"], b["map50_95"], marker="*", s=240, c="gold",
                                                     edgecolors="black", zorder=4)
-        c = pts[(pts["model"] == model) & (pts["kind"] == "control")]
+        c = pts[(pts["family"] == fam) & (pts["kind"] == "control")]
         if len(c):
             handles["equal-budget control"] = ax.scatter(c["latency_ms"], c["map50_95"], marker="X", s=70,
                                                          c="dimgray", zorder=6)
-        f = pts[(pts["model"] == model) & pts["front"]]
+        f = pts[(pts["family"] == fam) & pts["front"]]
         if len(f):
             handles["on the Pareto front"] = ax.scatter(f["latency_ms"], f["map50_95"], s=260, facecolors="none",
                                                         edgecolors="crimson", lw=1.4, zorder=5)
-        ax.set_title(family(model))
+        ax.set_title(fam)
         ax.set_xlabel("ONNX Runtime CPU latency (ms, batch 1)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mAP50-95 (after fine-tuning)")
@@ -412,8 +415,7 @@ SHOWN = {"experiment": "experiment", "map50_95": "mAP50-95", "base_map50_95": "b
 def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
     """Return ``results.md``: provenance, the plot, the Pareto front and the table of every run."""
     pts = points(df)
-    front = pts[pts["front"]].sort_values(["model", "latency_ms"], key=lambda c: c.map(family) if c.name == "model"
-                                          else c)[["label", "latency_ms", "map50_95"]]
+    front = pts[pts["front"]].sort_values(["family", "latency_ms"])[["label", "latency_ms", "map50_95"]]
     commits = ", ".join(sorted(set(df["commit"].dropna().astype(str)))) or "none yet"
     lines = ["# Pruning study: accuracy and real speed", "",
              "<!-- Generated by `python -m tools.study report` from docs/study/experiments.csv; do not edit. -->", "",

@@ -108,7 +108,7 @@ def test_ready_waits_for_a_baseline_in_training():
     ready = study.ready(study.sweep(), records)
     # yolov8n's baseline is trained (v8n-lamp-2x done): its other rows go; 11n and 26n wait for theirs (running,
     # queued) to be trained
-    assert {e.model for e in ready} == {"yolov8n.yaml"} and len(ready) == 6
+    assert {e.model for e in ready} == {"configs/yolov8n.yaml"} and len(ready) == 6
     assert "study-v8n-lamp-3x" not in {e.dvc_name for e in ready}
 
 
@@ -124,7 +124,7 @@ def test_run_trains_each_baseline_once_then_the_rest(fake):
 def test_a_failed_baseline_blocks_its_generation(fake):
     fake.fail = ("study-26n-lamp-2x",)
     missing = study.run(study.sweep())
-    assert missing == [e.name for e in study.sweep() if e.model == "yolo26n.yaml"]
+    assert missing == [e.name for e in study.sweep() if e.model == "configs/yolo26n.yaml"]
     assert study.missing(study.parse_exp_show(fake.show()), study.sweep())["26n-lamp-2x"] == "failed"
 
 
@@ -154,7 +154,7 @@ def test_pareto_front():
     df = pd.read_csv(ROOT / "docs" / "study" / "experiments.csv")
     pts = study.points(df)
     assert set(pts.loc[pts["kind"] == "baseline", "label"]) == {"v8n baseline", "11n baseline", "26n baseline"}
-    for _, g in pts.groupby("model"):  # per generation, nothing on the front is beaten by a point of it
+    for _, g in pts.groupby("family"):  # per generation, nothing on the front is beaten by a point of it
         for f in g[g["front"]].itertuples():
             assert not ((g["latency_ms"] < f.latency_ms) & (g["map50_95"] > f.map50_95)).any()
 
