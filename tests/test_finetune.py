@@ -16,18 +16,10 @@ from torch import nn
 import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
 from yoloprune.data import make_dataset
 from yoloprune.errors import YoloPruneError
-from yoloprune.finetune import (
-    BEST_FP32,
-    RESUME_STATE,
-    EpochShuffle,
-    PrunedDetectionTrainer,
-    _is_integration,
-    can_resume,
-    cpu_threads,
-    epoch_seed,
-    finetune,
-    match_dataset,
-)
+from yoloprune.finetune import can_resume, finetune
+from yoloprune.resume import BEST_FP32, RESUME_STATE, EpochShuffle, epoch_seed
+from yoloprune.threads import cpu_threads
+from yoloprune.train import PrunedDetectionTrainer, _is_integration, match_dataset
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter
 from yoloprune.prune import PruneConfig, prune_model
@@ -252,7 +244,7 @@ def test_ddp_script_rebuilds_the_pruned_model(tmp_path, pruned, dataset):
     try:
         script = Path(file).read_text()
         state = torch_load(Path(file).with_suffix(".pt"), map_location="cpu")
-        assert state["trainer"] is PrunedDetectionTrainer  # pickled by reference: yoloprune.finetune, importable
+        assert state["trainer"] is PrunedDetectionTrainer  # pickled by reference: yoloprune.train, importable
         assert state["model"] == str(pruned)  # a path, loaded afresh in the worker; not an in-memory module
         launch = 'trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])'
         assert launch in script and "trainer.train()" in script

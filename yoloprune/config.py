@@ -187,6 +187,35 @@ class TrainConfig(Config):
         return {"epochs": self.epochs, "imgsz": imgsz, "batch": self.batch, **self.args}
 
 
+# Distillation methods and the loss terms each adds (yoloprune.distill computes the terms).
+DISTILL_METHODS: dict[str, tuple[str, ...]] = {"none": (), "output": ("output",), "cwd": ("cwd",),
+                                               "both": ("output", "cwd")}
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """Distillation from the unpruned model while fine-tuning (``finetune.distill``; see ``yoloprune.distill``)."""
+
+    method: str = "none"  # none | output (class scores, box bins) | cwd (neck features) | both
+    weight: float = 1.0  # multiplies the distillation term added to the detection loss
+    temperature: float = 1.0  # softens scores, box bins and CWD's spatial maps; terms are scaled by its square
+
+    def __post_init__(self) -> None:
+        if self.method not in DISTILL_METHODS:
+            raise YoloPruneError(f"unknown distillation method {self.method!r} "
+                                 f"({_hint(str(self.method), list(DISTILL_METHODS))}); use one of "
+                                 f"{', '.join(DISTILL_METHODS)}")
+        if not self.weight >= 0 or self.weight == float("inf"):
+            raise YoloPruneError(f"distill weight must be a finite number >= 0, got {self.weight!r}")
+        if not self.temperature > 0 or self.temperature == float("inf"):
+            raise YoloPruneError(f"distill temperature must be a finite number > 0, got {self.temperature!r}")
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Return the loss terms this method adds (none: no term)."""
+        return DISTILL_METHODS[self.method]
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     """How the pruned network is fine-tuned."""
@@ -195,3 +224,4 @@ class FinetuneConfig(TrainConfig):
 
     epochs: int = 10
     device: str | int = "cpu"  # cpu, 0, or 0,1,... (Ultralytics DDP)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # from the unpruned model; method none: off
