@@ -8,11 +8,13 @@ run in the workspace, one outside the study, and four from the queue (success, f
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -196,3 +198,41 @@ def test_current_keeps_runs_whose_pipeline_code_is_heads(tmp_path):
     (tmp_path / "code.py").write_text("1\n")
     git("commit", "-qam", "c")
     assert study.current(runs, tmp_path) == []  # the stage's code changed: older results are not this code's
+
+
+def test_control_fine_tunes_the_baseline_unpruned(fake, monkeypatch, tmp_path):
+    import dvc.api
+
+    import yoloprune.benchmark
+    import yoloprune.data
+    import yoloprune.finetune
+
+    params = {"model": "configs/yolov8n.yaml", "imgsz": 64, "data": "data/synthetic",
+              "dataset": {"n_train": 4, "n_val": 2, "seed": 0}, "benchmark": {"iters": 5, "warmup": 1, "threads": 1},
+              "finetune": {"epochs": 3, "batch": 2, "device": "cpu", "threads": 1, "workers": 0, "args": {"lr0": 0.01}}}
+    fake.runs["study-v8n-lamp-2x"] = ("success", params)
+    calls = {}
+
+    def spy(module, name, result):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            inspect.signature(real).bind(*args, **kwargs)  # the library still takes these arguments
+            calls[name] = kwargs
+            return result
+        monkeypatch.setattr(module, name, call)
+
+    spy(yoloprune.finetune, "finetune", types.SimpleNamespace(best=tmp_path / "best.pt"))
+    spy(yoloprune.benchmark, "benchmark", {"map50_95": 0.61, "latency_median_ms": 1.4})
+    spy(yoloprune.data, "make_dataset", tmp_path / "data.yaml")
+    monkeypatch.setattr(dvc.api, "read", lambda *args, **kwargs: b"weights")
+    monkeypatch.setattr(study, "WORK_DIR", tmp_path / "work")
+    source = study.controls(study.sweep())["v8n-control"]
+    out = study.run_control("v8n-control", source, out_dir=tmp_path)
+    assert (calls["finetune"]["epochs"], calls["finetune"]["lr0"], calls["benchmark"]["runtime"]) == (3, 0.01, "onnx")
+    assert (tmp_path / "work" / "v8n-control" / "baseline.pt").read_bytes() == b"weights"
+    row = study.table([], study.sweep(), [json.loads((tmp_path / "study" / "v8n-control.json").read_text())]).iloc[0]
+    assert (row.kind, row.map50_95, row.latency_speed_up) == ("control", 0.61, pytest.approx(1.5 / 1.4))
+    assert row.retention == pytest.approx(101.667, abs=1e-3)
+    calls.clear()
+    assert study.run_control("v8n-control", source, out_dir=tmp_path) == out and not calls  # same run: reused
