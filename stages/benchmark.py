@@ -1,7 +1,6 @@
 """Stage benchmark: params, MACs, mAP and ONNX Runtime latency of baseline vs fine-tuned, side by side."""
 
 import json
-from pathlib import Path
 
 from yoloprune.benchmark import benchmark, compare, format_table, tradeoff_points
 from yoloprune.errors import exit_on_error
@@ -16,11 +15,8 @@ settings = {"imgsz": params["imgsz"], "runtime": "onnx", "data": str(data_yaml(p
 base, tuned = benchmark("models/baseline.pt", **settings), benchmark("models/finetuned.pt", **settings)
 cmp = compare(base, tuned)
 print(format_table(cmp))
-pruned = json.loads(Path("metrics/prune.json").read_text())
-parity = json.loads(Path("metrics/export.json").read_text())
-flat = {
+flat = {  # each figure once across metrics/ (the pruned mAP: prune.json, ONNX parity: export.json)
     "baseline_map50_95": base.get("map50_95"),
-    "pruned_map50_95": pruned.get("pruned_map50_95"),
     "finetuned_map50_95": tuned.get("map50_95"),
     "retention_pct": cmp.get("map50_95_retention_pct"),
     "baseline_params": base["params"], "finetuned_params": tuned["params"],
@@ -28,10 +24,9 @@ flat = {
     "macs_speed_up": cmp.get("macs_speed_up"),
     "baseline_latency_ms": base["latency_median_ms"], "finetuned_latency_ms": tuned["latency_median_ms"],
     "latency_speed_up": cmp.get("latency_speed_up"),
-    "onnx_parity_rel_error": max(v for v in parity.values() if v is not None),
 }
 write_json(flat, "metrics/benchmark.json")
 write_json({"base": base, "pruned": tuned, "compare": cmp}, "metrics/benchmark_full.json")
-points = tradeoff_points(base, tuned, pruned.get("speed_up"), params["method"])
+points = tradeoff_points(base, tuned, cmp.get("macs_speed_up"), params["method"])
 with atomic_path("metrics/tradeoff.json") as tmp:  # a list (write_json takes a dict), for the scatter plot
     tmp.write_text(json.dumps(points, indent=2) + "\n")

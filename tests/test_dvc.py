@@ -126,6 +126,23 @@ def test_stage_deps_are_exactly_the_code_it_runs(name):
                                        f"remove {extra} (it never imports them)")
 
 
+def declared(stage: dict) -> set[str]:
+    """Return every path a stage declares: deps, outs, metrics and plots."""
+    kinds = ("deps", "outs", "metrics", "plots")
+    return {next(iter(e)) if isinstance(e, dict) else e for k in kinds for e in stage.get(k, [])}
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_stage_declares_the_files_its_script_names(name):
+    stage = stages()[name]
+    tree = ast.parse((REPO / script_of(stage)).read_text())
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and re.fullmatch(r"(models|data|metrics|logs)/[\w./-]+", n.value)}
+    assert named, f"{name}: its script names no file under models/, data/, metrics/ or logs/"
+    undeclared = sorted(p for p in named if not any(p == d or p.startswith(f"{d}/") for d in declared(stage)))
+    assert not undeclared, f"dvc.yaml stage '{name}': declare {undeclared} (its script reads or writes them)"
+
+
 def test_import_walk_follows_lazy_relative_and_package_imports(tmp_path):
     pkg = tmp_path / PACKAGE
     (pkg / "sub").mkdir(parents=True)
