@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
-from yoloprune.io import load_model
-from yoloprune.prune import calibrate_bn
+from yoloprune.offline import configure_offline
+
+configure_offline()  # as the entry points do, before anything imports Ultralytics (it reads the switches once)
+
+from yoloprune.io import load_model  # noqa: E402
+from yoloprune.prune import calibrate_bn  # noqa: E402
 
 
 @functools.cache

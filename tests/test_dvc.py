@@ -9,6 +9,7 @@ never runs re-runs for nothing.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 from pathlib import Path
@@ -228,3 +229,34 @@ def test_user_files_are_dependencies(user_pipeline):
     data.write_text(data.read_text() + "names: {0: thing, 1: other}\n")
     readers = {name for name, stage in stages(repo).items() if "data_yaml(" in (repo / script_of(stage)).read_text()}
     assert "baseline" in readers and stale(repo) == readers  # every stage whose script reads the data.yaml
+
+
+# --- offline plots ---------------------------------------------------------------------------------------------------
+
+
+def test_plots_render_offline_and_tell_baseline_from_pruned(tmp_path, monkeypatch):
+    """`dvc plots show` on the committed metrics writes a page that loads no script from the network (the libraries
+    are inlined by .dvc/plots/offline.html) and whose trade-off scatter shapes each point by its model."""
+    from dvc.cli import main
+    from dvc.repo import Repo
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    Repo.init(repo, no_scm=True).close()
+    for rel in ("dvc.yaml", "params.yaml", ".dvc/config"):
+        shutil.copy2(REPO / rel, repo / rel)
+    for rel in ("metrics", ".dvc/plots"):
+        shutil.copytree(REPO / rel, repo / rel)
+    monkeypatch.chdir(repo)
+    assert main(["plots", "show", "-o", "out"]) == 0
+    html = (repo / "out/index.html").read_text()
+    assert not re.findall(r"<script[^>]*\bsrc\s*=", html), "a script loaded from a file or URL: blank offline"
+    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html)
+    for lib in ("vega 5.", "vega-lite 5.", "vega-embed 6."):  # the inlined libraries' banners
+        assert f"/* {lib}" in html
+    specs = [json.loads(s) for s in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, flags=re.DOTALL)]
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    declared_plots = len(dvc_yaml["plots"]) + sum(len(s.get("plots", [])) for s in dvc_yaml["stages"].values())
+    assert len(specs) == declared_plots
+    scatter = next(s for s in specs if s["encoding"].get("shape", {}).get("field") == "model")
+    assert {v["model"] for v in scatter["data"]["values"]} == {"baseline", "finetuned"}

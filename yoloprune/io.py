@@ -7,14 +7,13 @@ refuses URLs and anything that is not a regular file before unpickling.
 
 from __future__ import annotations
 
+import copy
 import errno
 import glob
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -109,45 +108,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, else delete it.
 
     A reader (or a killed run) never sees a half-written file: the previous one stays
-    until the new one is complete. While the block runs, SIGTERM raises ``SystemExit(143)``
-    as Ctrl-C raises ``KeyboardInterrupt``, so a terminated run deletes its temporary file
-    too. Only SIGKILL or a power cut can leave one behind; the next write of ``path``
-    deletes it once the process that wrote it is gone.
+    until the new one is complete. Ctrl-C, and SIGTERM under an entry point (which makes it
+    raise ``SystemExit(143)``: ``yoloprune.errors.run_main``), delete the temporary file on
+    the way out. SIGKILL or a power cut leave it behind; the next write of ``path`` deletes
+    it once the process that wrote it is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    with _sigterm_raises():
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
-            os.close(fd)
-            yield Path(tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    # Python can only set handlers in the main thread; a handler someone else set is theirs to keep.
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _terminated)
+    tmp = None
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # the shell's exit status for a signal; finally clauses run on the way out
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def scratch_dir(parent: str | Path, name: str) -> Path:
@@ -222,10 +203,11 @@ def save_model(model: nn.Module, path: str | Path, record: dict[str, Any] | None
 
     ``YOLO(path)`` loads it in a process that never imported yoloprune (pickle imports
     ``yoloprune.modules`` by itself). ``record`` is stored under the ``yoloprune`` key.
+    The file holds a frozen fp32 copy, as Ultralytics saves; the caller's model is left as it was.
     """
     import ultralytics
 
-    model = model.float()
+    model = copy.deepcopy(model).float()
     for p in model.parameters():
         p.requires_grad_(False)
     args = getattr(model, "args", {})

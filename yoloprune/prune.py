@@ -13,21 +13,21 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from tqdm import tqdm
-from ultralytics.nn.modules import Conv, Detect
+from ultralytics.nn.modules import Conv
 from ultralytics.nn.modules.block import Proto
 
 from yoloprune.config import Config
 from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
-from yoloprune.macs import MacCounter, count_params
+from yoloprune.macs import MacCounter, count_params, deployed_branch
 from yoloprune.modules import AAttnV2, AttentionV2
+from yoloprune.runtime import flat_tensors, versions
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -117,30 +117,6 @@ def attention_internals(model: nn.Module) -> list[nn.Module]:
     return [c for m in model.modules() if isinstance(m, (AttentionV2, AAttnV2)) for c in (m.q, m.k, m.v, m.pe)]
 
 
-def deployed_branch(model: nn.Module, branch: str = "auto") -> tuple[str, list[nn.Module]]:
-    """Return the name of the head branch inference runs and the modules of the branch it skips."""
-    head = head_of(model)
-    if not isinstance(head, Detect) or getattr(head, "one2one_cv2", None) is None:
-        return "single", []
-    if branch == "auto":
-        branch = "one2one" if head.end2end else "one2many"
-    unused = head.one2many if branch == "one2one" else head.one2one
-    return branch, [m for m in unused.values() if m is not None]
-
-
-def _tensors(obj, out: list[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if k != "feats":
-                _tensors(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensors(v, out)
-    return out
-
-
 def trace_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Run the passes Torch-Pruning traces: inference and training, so every consumer of a channel is seen.
 
@@ -152,12 +128,12 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     outs: list[torch.Tensor] = []
     try:
         model.eval()
-        _tensors(model(x), outs)
+        outs += flat_tensors(model(x), skip=("feats",))  # feats: the head's inputs, handed back
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        _tensors(model(x), outs)
+        outs += flat_tensors(model(x), skip=("feats",))  # feats: the head's inputs, handed back
     finally:
         model.train(was_training)
     return outs
@@ -172,6 +148,7 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.random.fork_rng()  # the seed below stays inside: the caller's global RNG is as it was afterwards
 def prune_model(
     model: nn.Module,
     cfg: PruneConfig,
@@ -268,16 +245,6 @@ def _proxy_loss(seed: int) -> Callable[[nn.Module], torch.Tensor]:
 def _accumulate_gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
     model.zero_grad(set_to_none=True)
     loss_fn(model).backward()
-
-
-def versions() -> dict[str, str]:
-    """Return the versions of the libraries a pruned model depends on."""
-    import ultralytics
-
-    import yoloprune
-
-    return {"yoloprune": yoloprune.__version__, "torch": torch.__version__, "torch_pruning": metadata.version("torch-pruning"),
-            "ultralytics": ultralytics.__version__}
 
 
 def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
