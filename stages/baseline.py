@@ -19,7 +19,7 @@ params = load_params()
 model, data = params["model"], data_yaml(params)
 if model.endswith(".pt"):
     save_model(load_model(model), OUT, {"source": model})
-    write_json({"epochs": 0, "map50_95_tail_gain": None}, "metrics/baseline.json")  # the columns a trained one has
+    write_json({"baseline_epochs": 0, "map50_95_tail_gain": None}, "metrics/baseline.json")  # a trained one's columns
     write_text(results_text([]), CURVES)  # no training, no curve: a header only (the stage declares the file)
 else:
     b = params["baseline"]
@@ -33,5 +33,6 @@ else:
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     # Its mAP is the benchmark stage's to measure (metrics/benchmark.json); here what only the training knows: mean
     # mAP50-95 of the last TAIL_WINDOW epochs minus the TAIL_WINDOW before (~0 once it flattened).
-    write_json({"epochs": result.epochs, "map50_95_tail_gain": tail_gain(result.curve)}, "metrics/baseline.json")
+    write_json({"baseline_epochs": result.epochs, "map50_95_tail_gain": tail_gain(result.curve)},
+               "metrics/baseline.json")
     write_text(results_text(result.rows), CURVES)  # one row an epoch, kept for `dvc plots`

@@ -67,8 +67,10 @@ def test_repro_writes_every_metric(repo):
     assert not [k for k in flat if "second" in k or k.endswith("_s")], "timings belong in logs/, not metrics/"
     log = json.loads((repo / "logs/prune.json").read_text())  # the full prune report, timing included
     assert log["speed_up"] == pytest.approx(1.5, rel=0.02) and log["seconds"] > 0
+    assert json.loads((repo / "logs/finetune.json").read_text())["seconds"] > 0
     baseline = json.loads((repo / "metrics/baseline.json").read_text())
-    assert baseline["epochs"] == 1 and baseline["map50_95_tail_gain"] is None  # 1 epoch: too short to tell a plateau
+    assert baseline["baseline_epochs"] == 1
+    assert baseline["map50_95_tail_gain"] is None  # 1 epoch: too short to tell a plateau
     curves = (repo / "metrics/baseline_curves.csv").read_text().splitlines()
     assert "metrics/mAP50-95(B)" in curves[0] and len(curves) == 2  # the header and the one epoch
     assert not [f for f in repo.rglob("*.dvc") if f.is_file()]  # no stray .dvc files from the dvclive callback
@@ -122,7 +124,7 @@ def test_interrupted_repro_resumes_the_fine_tune(repo):
     out = sh("dvc repro", repo)
     assert "Running stage 'finetune'" in out and "Running stage 'baseline'" not in out
     assert "Resuming training" in out
-    assert json.loads((repo / "metrics/finetune.json").read_text())["epochs"] == 3
+    assert json.loads((repo / "metrics/finetune.json").read_text())["finetune_epochs"] == 3
     resumed = curves(repo)
     assert json.loads((repo / "metrics/prune.json").read_text()) == before  # upstream untouched
     sh("dvc status", repo)
