@@ -1,5 +1,9 @@
 """Stage baseline: train a YOLO from its model yaml, or take the user's checkpoint as it is (fp32)."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 import tempfile
 from pathlib import Path
 
@@ -7,14 +11,12 @@ import torch
 
 from yoloprune.curves import results_text, tail_gain
 from yoloprune.data import check_data_yaml
-from yoloprune.errors import exit_on_error
 from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json, write_text
 from yoloprune.params import data_yaml, load_params
 
 OUT, RUN, CURVES = Path("models/baseline.pt"), Path("runs/baseline"), Path("metrics/baseline_curves.csv")
 
-exit_on_error()
 params = load_params()
 model, data = params["model"], data_yaml(params)
 if model.endswith(".pt"):

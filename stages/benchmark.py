@@ -1,18 +1,18 @@
 """Stage benchmark: params, MACs, mAP and ONNX Runtime latency of baseline vs fine-tuned, side by side."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 import json
 
-from yoloprune.benchmark import benchmark, compare, format_table, tradeoff_points
-from yoloprune.errors import exit_on_error
+from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table, tradeoff_points
 from yoloprune.io import atomic_path, write_json
 from yoloprune.params import data_yaml, load_params
 
-exit_on_error()
 params = load_params()
-b = params["benchmark"]
-settings = {"imgsz": params["imgsz"], "runtime": "onnx", "data": str(data_yaml(params)), "iters": b["iters"],
-            "warmup": b["warmup"], "threads": b["threads"]}
-base, tuned = benchmark("models/baseline.pt", **settings), benchmark("models/finetuned.pt", **settings)
+cfg = BenchmarkConfig.from_params(params, runtime="onnx", data=str(data_yaml(params)))
+base, tuned = benchmark("models/baseline.pt", cfg), benchmark("models/finetuned.pt", cfg)
 cmp = compare(base, tuned)
 print(format_table(cmp))
 flat = {  # each figure once across metrics/ (the pruned mAP: prune.json, ONNX parity: export.json)

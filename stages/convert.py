@@ -1,15 +1,17 @@
 """Stage convert: swap split-based blocks for equivalent pruning-friendly ones; record the equivalence error."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 import copy
 
 import torch
 
 from yoloprune.convert import convert_model
-from yoloprune.errors import exit_on_error
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import load_params
 
-exit_on_error()
 params = load_params()
 model = load_model("models/baseline.pt").eval()
 original = copy.deepcopy(model).double()

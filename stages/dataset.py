@@ -1,14 +1,16 @@
 """Stage dataset: generate the synthetic detection dataset (or note that the user's own data is used)."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 from pathlib import Path
 
 from yoloprune.data import make_dataset
-from yoloprune.errors import exit_on_error
 from yoloprune.params import SYNTHETIC, load_params
 
 OUT = Path("data/synthetic")
 
-exit_on_error()
 params = load_params()
 if params["data"] == SYNTHETIC:
     d = params["dataset"]

@@ -1,13 +1,15 @@
 """Stage export_onnx: export baseline and fine-tuned models to ONNX, checking parity with PyTorch."""
 
 from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 from yoloprune.export import ExportConfig, export_model
 from yoloprune.io import write_json
 from yoloprune.params import load_params
 
-exit_on_error()
 params = load_params()
-cfg = ExportConfig(imgsz=params["imgsz"], opset=params["export"]["opset"])
+cfg = ExportConfig.from_params(params)
 metrics = {}
 for name in ("baseline", "finetuned"):
     report = export_model(f"models/{name}.pt", cfg, out=f"models/{name}_{params['imgsz']}_b1.onnx")

@@ -1,9 +1,12 @@
 """Stage finetune: recover accuracy with the Ultralytics trainer on the pruned network itself."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 from pathlib import Path
 
 from yoloprune.curves import results_text
-from yoloprune.errors import exit_on_error
 from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json, write_text
 from yoloprune.params import data_yaml, load_params
@@ -11,7 +14,6 @@ from yoloprune.train import TEACHER_SECONDS
 
 PRUNED, RUN = Path("models/pruned.pt"), Path("runs/finetune")
 
-exit_on_error()
 params = load_params()
 f, data = params["finetune"], data_yaml(params)
 settings = {"epochs": f["epochs"], "imgsz": params["imgsz"], "batch": f["batch"], **f["args"]}

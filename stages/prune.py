@@ -1,23 +1,22 @@
 """Stage prune: prune the converted model to the target speed-up; measure its mAP before fine-tuning."""
 
+from yoloprune.errors import exit_on_error
+
+exit_on_error()  # first: an entry point (Ultralytics offline before anything imports it, one-line errors)
+
 from pathlib import Path
 
 import torch
 
 from yoloprune.benchmark import BenchmarkConfig, accuracy
-from yoloprune.errors import exit_on_error
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 from yoloprune.prune import PruneConfig, prune_model
 
 OUT = Path("models/pruned.pt")
 
-exit_on_error()
 params = load_params()
-p = params["prune"]
-cfg = PruneConfig(speed_up=params["speed_up"], method=params["method"], global_pruning=p["global_pruning"],
-                  iterative_steps=p["iterative_steps"], round_to=p["round_to"], max_layer_ratio=p["max_layer_ratio"],
-                  imgsz=params["imgsz"])
+cfg = PruneConfig.from_params(params)
 model = load_model("models/converted.pt")
 report = prune_model(model, cfg).to_dict()
 save_model(model, OUT, report)

@@ -334,23 +334,20 @@ def full_disk(tmp: Path, data: bytes | memoryview) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
 
-# 12. An output that cannot be written: a read-only folder, a full disk. The previous file stays as it was
-# and no temporary file is left. (load_model/save_model level: tests/test_io.py.)
-@pytest.mark.parametrize("kind", ["read-only-folder", "disk-full-checkpoint", "disk-full-json"])
+# 12. An output that cannot be written: its folder is a file (unwritable even for root), a full disk. The previous
+# file stays as it was and no temporary file is left. (load_model/save_model level: tests/test_io.py.)
+@pytest.mark.parametrize("kind", ["folder-is-a-file", "disk-full-checkpoint", "disk-full-json"])
 def test_case12_unwritable_output_keeps_the_previous_file(base_pt, tmp_path, monkeypatch, capsys, kind):
     folder = tmp_path / "out"
     folder.mkdir()
     previous = folder / ("report.json" if kind == "disk-full-json" else "model.pt")
     previous.write_bytes(b"the previous version\n")
-    if kind == "read-only-folder":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders")
-        folder.chmod(0o500)
-        try:
-            cli_error(capsys, ["convert", "yolov8n.yaml", "-o", previous], "cannot write (Permission denied)",
-                      "choose a writable output path")
-        finally:
-            folder.chmod(0o700)
+    if kind == "folder-is-a-file":  # an output folder that is a regular file: unwritable for root too (CI)
+        blocker = folder / "not-a-folder"
+        blocker.write_bytes(b"")
+        cli_error(capsys, ["convert", "yolov8n.yaml", "-o", blocker / "model.pt"], "cannot write (File exists)",
+                  "choose a writable output path")
+        blocker.unlink()
     elif kind == "disk-full-checkpoint":
         monkeypatch.setattr(yoloprune.io, "_write", full_disk)
         cli_error(capsys, ["convert", "yolov8n.yaml", "-o", previous], "cannot write (No space left on device)",

@@ -1,10 +1,11 @@
 """A run killed while it writes an output leaves the previous output intact and no half-written file.
 
-A child process overwrites a checkpoint (``save_model``, as the library is used) or a
-metrics JSON (``write_json``, as a DVC stage runs, with ``exit_on_error``) and is killed
-halfway through the bytes. Its file write is replaced, in the child only, by one that
-writes half the data, signals readiness through a file and waits, so the kill always
-lands mid-write. (Fine-tune resume after an interruption: tests/test_finetune.py,
+A child process overwrites a checkpoint (``save_model``) or a metrics JSON
+(``write_json``) as an entry point does (a DVC stage, with ``exit_on_error``: SIGTERM
+raises ``SystemExit(143)``, so cleanup runs) and is killed halfway through the bytes.
+Its file write is replaced, in the child only, by one that writes half the data,
+signals readiness through a file and waits, so the kill always lands mid-write.
+(Fine-tune resume after an interruption: tests/test_finetune.py,
 test_resume_continues_an_interrupted_run.)
 """
 
@@ -46,10 +47,10 @@ CHILD = textwrap.dedent("""
             time.sleep(300)  # killed here
 
     yoloprune.io._write = slow_write
+    exit_on_error()
     if kind == "checkpoint":
         yoloprune.io.save_model(nn.Sequential(nn.Conv2d(3, 16, 3)), target, {"version": 2})
     else:
-        exit_on_error()
         yoloprune.io.write_json({"version": 2}, target)
 """)
 

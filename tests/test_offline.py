@@ -1,4 +1,4 @@
-"""Ultralytics stays offline: a convert + prune run makes no network attempt."""
+"""Ultralytics stays offline: a convert + prune run makes no network attempt; importing yoloprune sets nothing."""
 
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def test_convert_prune_predict_make_no_network_attempt(tmp_path):
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ATTEMPTS []" in out.stdout, out.stdout[-2000:]
+
+
+def test_importing_the_library_changes_no_environment_and_needs_no_pipeline_packages():
+    code = ("import os, sys, yoloprune, yoloprune.prune, yoloprune.benchmark, yoloprune.export\n"
+            "print(sorted(k for k in os.environ if k.startswith('YOLO_')), "
+            "sorted(m for m in ('dvc', 'matplotlib', 'psutil') if m in sys.modules))")
+    # The user's own YOLO_OFFLINE keeps Ultralytics' import-time probe off the network; nothing else may appear.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}, "YOLO_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "['YOLO_OFFLINE'] []"

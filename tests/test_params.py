@@ -1,4 +1,4 @@
-"""params.yaml and the CLI build the same frozen configs, checked at the edge: typos and wrong types are one-line errors."""
+"""params.yaml and the CLI build the same frozen configs, checked at the edge: typos and wrong types are one line."""
 
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def test_cli_and_params_give_equal_configs():
         "--global-pruning" if p["global_pruning"] else "--no-global-pruning",
     ])
     assert PruneConfig.from_args(args) == PruneConfig.from_params(params)
+    opset = params["export"]["opset"]
     args = build_parser().parse_args(["export", "m.pt", "--imgsz", str(params["imgsz"])]
-                                     + (["--opset", str(params["export"]["opset"])] if params["export"]["opset"] else []))
+                                     + (["--opset", str(opset)] if opset else []))
     assert ExportConfig.from_args(args) == ExportConfig.from_params(params)
     # a flag left unset keeps the dataclass default; a wrong type names the flag
     assert PruneConfig.from_args({"imgsz": 320}) == PruneConfig(imgsz=320)

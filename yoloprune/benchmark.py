@@ -5,7 +5,8 @@ call after warm-up with a fixed thread count, the way a deployed model runs: the
 ``torch`` runtime fuses Conv+BN as Ultralytics' predictor does; the ``onnx`` runtime
 times ONNX Runtime on the file ``yoloprune.export`` writes (exported once and
 cached beside the checkpoint). MACs and parameters count only the head branch
-inference runs (see ``yoloprune.prune.deployed_branch``).
+inference runs (see ``yoloprune.macs.deployed_branch``). Sessions, devices and timing
+are ``yoloprune.runtime``'s; this module measures, compares and formats.
 
 Reports are JSON-ready dicts, so DVC can track them as metrics.
 """
@@ -13,12 +14,8 @@ Reports are JSON-ready dicts, so DVC can track them as metrics.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -28,6 +25,9 @@ from torch import nn
 
 from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError, check_imgsz
+from yoloprune.macs import MacCounter, count_params, deployed_branch
+from yoloprune.runtime import machine_info, onnx_runner, resolve_device, seeded_images, time_calls, versions
+from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -88,8 +88,6 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
                              "use device='0', or runtime='onnx' for an FP16 ONNX model")
 
     from yoloprune.io import load_model
-    from yoloprune.macs import MacCounter, count_params
-    from yoloprune.prune import deployed_branch
 
     path = Path(model_path)
     model = load_model(path).eval()
@@ -101,13 +99,9 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
 
     threads = cfg.threads or torch.get_num_threads()
     artifact, run = RUNTIMES[cfg.runtime](model, path, cfg, device, threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            times = time_calls(run, cfg.warmup, cfg.iters, device)
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads_kept(), torch.inference_mode():
+        torch.set_num_threads(threads)  # for this timing only: the caller's count is back afterwards
+        times = time_calls(run, cfg.warmup, cfg.iters, device)
     median = statistics.median(times)
     report = {
         "model": str(path),
@@ -137,57 +131,17 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
     if cfg.data is not None:
         report.update(accuracy(artifact, cfg, device))
     report["machine"] = machine_info(device)
-    report["versions"] = library_versions(cfg.runtime)
+    report["versions"] = versions(cfg.runtime)
     LOGGER.info("%s (%s, %s): %.2f ms median, %.1f FPS, %.3f GMACs", path.name, cfg.runtime, device, median,
                 report["fps"], macs / 1e9)
     return report
-
-
-def resolve_device(device: str | int) -> torch.device:
-    """Return the torch device ``device`` names ("cpu", "0", "cuda:1", "mps"), or raise if it does not exist here."""
-    text = str(device).strip().lower()
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise YoloPruneError("device 'mps' does not exist here: torch sees no Apple GPU; use device='cpu'")
-        return torch.device("mps")
-    index = text.removeprefix("cuda").removeprefix(":") or "0"
-    if not index.isdigit():
-        raise YoloPruneError(f"device {device!r} is not a device name; use 'cpu', a CUDA index such as '0' or "
-                             "'cuda:0', or 'mps' (one device: benchmarks time one)")
-    if not torch.cuda.is_available():
-        raise YoloPruneError(f"device {device!r} does not exist: torch {torch.__version__} sees no CUDA GPU "
-                             "(torch.cuda.is_available() is False); use device='cpu'")
-    count = torch.cuda.device_count()
-    if int(index) >= count:
-        raise YoloPruneError(f"device {device!r} does not exist: torch sees {count} CUDA device(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    return torch.device("cuda", int(index))
-
-
-def time_calls(run: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
-    """Return the wall time in ms of each of ``iters`` calls of ``run``, after ``warmup`` untimed calls."""
-    # GPU kernels run asynchronously: wait for them, or the time is that of queueing them.
-    sync = {"cuda": lambda: torch.cuda.synchronize(device), "mps": lambda: torch.mps.synchronize()}.get(
-        device.type, lambda: None)
-    for _ in range(warmup):
-        run()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
 
 
 def _torch_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):
     model = model.fuse(verbose=False)  # Conv+BN folded, unused head branch dropped, as Ultralytics predicts
     dtype = torch.float16 if cfg.half else torch.float32
     model = model.to(device, dtype)
-    x = torch.rand(cfg.batch, 3, cfg.imgsz, cfg.imgsz, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x = seeded_images(cfg.batch, cfg.imgsz).to(device, dtype)
 
     return path, lambda: model(x)  # benchmark() holds the thread count and inference_mode around the timing
 
@@ -195,37 +149,6 @@ def _torch_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: t
 def _onnx_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):
     onnx_path = cached_onnx(path, cfg.imgsz, cfg.batch, cfg.half)
     return onnx_path, onnx_runner(onnx_path, cfg.imgsz, cfg.batch, device, threads)
-
-
-def onnx_runner(onnx_path: str | Path, imgsz: int, batch: int = 1, device: torch.device | None = None,
-                threads: int = 1) -> Callable[[], object]:
-    """Return a call that runs the ONNX file once on a fixed seeded input, as the benchmark times it.
-
-    ONNX Runtime's CPU (or CUDA) provider, ``threads`` intra-op threads, one inter-op
-    thread, sequential execution and every graph optimisation.
-    """
-    import onnxruntime as ort
-
-    device = device or torch.device("cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise YoloPruneError(f"runtime 'onnx' runs on cpu or CUDA devices, not {device.type}; use device='cpu'")
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise YoloPruneError("runtime 'onnx' on a CUDA device needs onnxruntime-gpu; run: pip uninstall "
-                                 "onnxruntime && pip install onnxruntime-gpu, or use device='cpu'")
-        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
-    inp = session.get_inputs()[0]
-    dtype = np.float16 if "float16" in inp.type else np.float32  # FP16 exports keep FP32 inputs; older ones may not
-    x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).numpy().astype(dtype)
-    feed = {inp.name: x}
-    return lambda: session.run(None, feed)
 
 
 # Adding a runtime is one function (model, path, cfg, device, threads) -> (artifact, run) and one line here.
@@ -257,8 +180,6 @@ def accuracy(artifact: Path, cfg: BenchmarkConfig, device: torch.device) -> dict
     from ultralytics import YOLO
 
     ul_device = "cpu" if device.type == "cpu" else "mps" if device.type == "mps" else str(device.index or 0)
-    from yoloprune.export import torch_threads_kept
-
     with torch_threads_kept(), tempfile.TemporaryDirectory(prefix="yoloprune-val-") as project:  # runs/ stays out
         metrics = YOLO(str(artifact)).val(
             data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, plots=False, device=ul_device,
@@ -267,44 +188,6 @@ def accuracy(artifact: Path, cfg: BenchmarkConfig, device: torch.device) -> dict
     if hasattr(metrics, "box"):
         return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
     return {"top1": float(metrics.top1), "top5": float(metrics.top5)}
-
-
-def machine_info(device: torch.device) -> dict:
-    """Return the CPU model, core counts, platform (and GPU) the numbers were measured on."""
-    from ultralytics.utils.torch_utils import get_cpu_info, get_gpu_info
-
-    info = {
-        "cpu": get_cpu_info(),
-        "cores_logical": os.cpu_count() or 0,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-    try:
-        import psutil
-
-        info["cores_physical"] = psutil.cpu_count(logical=False) or 0
-    except ImportError:
-        pass
-    if hasattr(os, "sched_getaffinity"):
-        info["cores_available"] = len(os.sched_getaffinity(0))  # what a container or taskset leaves this process
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m"] = os.getloadavg()[0]  # other work on the machine while measuring skews timings
-    if device.type == "cuda":
-        info["gpu"] = get_gpu_info(device.index or 0)
-    return info
-
-
-def library_versions(runtime: str) -> dict:
-    """Return the versions of the libraries that ran the benchmark."""
-    from yoloprune.prune import versions
-
-    found = versions()
-    if runtime == "onnx":
-        import onnxruntime
-
-        found["onnxruntime"] = onnxruntime.__version__
-    return found
 
 
 def _size(path: Path) -> int:
@@ -373,29 +256,30 @@ def compare(base_report: dict, pruned_report: dict) -> dict:
 
 
 def format_table(cmp: dict) -> str:
-    """Return ``compare``'s result as a markdown table (readable as plain text)."""
-    lines = ["| metric | base | pruned | change |", "|:--|--:|--:|--:|"]
+    """Return ``compare``'s result as a markdown table (readable as plain text) and a line of the settings."""
+    import pandas as pd
+
+    rows = []
     for key, (label, scale, reads) in ROWS.items():
         row = cmp["metrics"].get(key)
         if row is None:
             continue
-        b, p = row["base"] * scale, row["pruned"] * scale
         r = row.get("ratio")
-        if r is None or r == 0:
-            change = "n/a"
-        elif reads == "fewer":
-            change = f"{1 / r:.2f}x fewer"
-        elif reads == "faster":
-            change = f"{1 / r:.2f}x faster"
-        elif reads == "retained":
-            change = f"{100 * r:.1f}% retained"
-        else:
-            change = f"{r:.2f}x"
-        lines.append(f"| {label} | {_num(b)} | {_num(p)} | {change} |")
-    lines.append("")
-    lines.append(f"imgsz {cmp['imgsz']}, batch {cmp['batch']}, {cmp['runtime']} on {cmp['device']}, "
-                 f"threads {cmp['threads']}{', fp16' if cmp['half'] else ''}")
-    return "\n".join(lines)
+        change = "n/a" if not r else CHANGE[reads](r)
+        rows.append((label, _num(row["base"] * scale), _num(row["pruned"] * scale), change))
+    table = pd.DataFrame(rows, columns=["metric", "base", "pruned", "change"]).to_markdown(
+        index=False, colalign=("left", "right", "right", "right"), disable_numparse=True)
+    return (f"{table}\n\nimgsz {cmp['imgsz']}, batch {cmp['batch']}, {cmp['runtime']} on {cmp['device']}, "
+            f"threads {cmp['threads']}{', fp16' if cmp['half'] else ''}")
+
+
+# How a row's pruned/base ratio reads in the table's last column.
+CHANGE = {
+    "fewer": lambda r: f"{1 / r:.2f}x fewer",
+    "faster": lambda r: f"{1 / r:.2f}x faster",
+    "retained": lambda r: f"{100 * r:.1f}% retained",
+    "ratio": lambda r: f"{r:.2f}x",
+}
 
 
 def tradeoff_points(base_report: dict, tuned_report: dict, speed_up: float | None, method: str) -> list[dict]:

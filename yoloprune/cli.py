@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from yoloprune.errors import YoloPruneError
+from yoloprune.errors import YoloPruneError, run_main
+from yoloprune.offline import configure_offline
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -24,7 +25,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a model's blocks to their pruning-friendly forms and save it."""
     from yoloprune.convert import convert_model
     from yoloprune.io import load_model, save_model
-    from yoloprune.prune import versions
+    from yoloprune.runtime import versions
 
     model = load_model(args.model)
     n = convert_model(model)
@@ -40,15 +41,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from yoloprune.io import load_model, save_model, write_json
     from yoloprune.prune import PruneConfig, prune_model
 
-    cfg = PruneConfig(
-        speed_up=args.speed_up,
-        method=args.method,
-        global_pruning=args.global_pruning,
-        iterative_steps=args.iterative_steps,
-        round_to=args.round_to,
-        max_layer_ratio=args.max_layer_ratio,
-        imgsz=args.imgsz,
-    )
+    cfg = PruneConfig.from_args(args)
     out = Path(args.output) if args.output else _default_out(args.model, "pruned")
     if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
         check_data_yaml(args.data)  # before minutes of pruning, not after
@@ -105,8 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from yoloprune.export import ExportConfig, export_model
     from yoloprune.io import write_json
 
-    cfg = ExportConfig(format=args.format, imgsz=args.imgsz, batch=args.batch, opset=args.opset,
-                       dynamic=args.dynamic, half=args.half, simplify=args.simplify, check=args.check)
+    cfg = ExportConfig.from_args(args)
     report = export_model(args.model, cfg, out=args.output).to_dict()
     if args.report:
         write_json(report, args.report)
@@ -125,12 +117,10 @@ def _square(imgs: list[int]) -> int:
 
 def cmd_fps(args: argparse.Namespace) -> int:
     """Time a checkpoint's forward pass: latency median/p90 and FPS (the seed tool's get_fps)."""
-    from yoloprune.benchmark import benchmark
+    from yoloprune.benchmark import BenchmarkConfig, benchmark
     from yoloprune.io import write_json
 
-    report = benchmark(args.weights, imgsz=_square(args.imgs), batch=args.batch, device=str(args.device),
-                       iters=args.testtime, warmup=args.warmup, half=args.half, runtime=args.runtime,
-                       threads=args.threads, data=args.data)
+    report = benchmark(args.weights, BenchmarkConfig.from_args(args, imgsz=_square(args.imgs), iters=args.testtime))
     if args.report:
         write_json(report, args.report)
     acc = "".join(f", {k} {report[k]:.4f}" for k in ("map50", "map50_95") if k in report)
@@ -145,8 +135,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table
     from yoloprune.io import write_json
 
-    cfg = BenchmarkConfig(imgsz=args.imgsz, batch=args.batch, device=str(args.device), iters=args.iters,
-                          warmup=args.warmup, threads=args.threads, half=args.half, data=args.data)
+    cfg = BenchmarkConfig.from_args(args, runtime=args.runtime[0])  # each runtime in turn, below
     result: dict = {"base": {}, "pruned": {}, "compare": {}}
     for runtime in dict.fromkeys(args.runtime):  # each runtime once, in the order given
         base = benchmark(args.base, cfg, runtime=runtime, data=args.data if not result["base"] else None)
@@ -267,6 +256,7 @@ def _timing_args(p: argparse.ArgumentParser, batch: int, warmup: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
+    configure_offline()  # first: building the parser imports Ultralytics, which reads the switches once
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "model_path", None):
@@ -274,16 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "model") and not args.model:
         parser.error("a MODEL (.pt or model yaml) is required")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return args.func(args)
-    except YoloPruneError as e:
-        if args.debug:
-            raise
-        print(f"yoloprune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("yoloprune: interrupted; outputs already written are intact", file=sys.stderr)
-        return 130
+    return run_main(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from torch import nn
 from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.io import scratch_dir
+from yoloprune.runtime import flat_tensors, ort_session, seeded_images
+from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -246,21 +246,6 @@ def _export(yolo, source: Path, reference: nn.Module, cfg: ExportConfig, out: st
 EXPORT_ATTRS = ("export", "format", "dynamic", "max_det", "agnostic_nms", "xyxy")
 
 
-@contextmanager
-def torch_threads_kept() -> Iterator[None]:
-    """Restore torch's CPU thread count on exit.
-
-    Ultralytics' ``select_device("cpu")`` (run by its exporter, validator and
-    predictor) sets it to ``os.cpu_count() - 1`` for the whole process: 1 on a 2-core
-    machine, halving the speed of everything that follows.
-    """
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _export_state(exporter) -> dict:
     head = exporter.model.model[-1]
     state = {a: getattr(head, a) for a in EXPORT_ATTRS if hasattr(head, a)}
@@ -278,26 +263,21 @@ def onnx_parity(
     ``model`` is the unfused PyTorch model; ``head_state`` holds the head settings the
     exporter used (see ``_export_state``), applied to ``model`` in place.
     """
-    import onnxruntime as ort
-
     model.eval()
     _set_export_mode(model, head_state)
     end2end = head_state.get("end2end", False)
     head = model.model[-1]
     feats: list = []
     hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0]))
-    x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    x = seeded_images(batch, imgsz, seed)
     try:
         with torch.inference_mode():
-            ref = [t.float().numpy() for t in _flat(model(x))]
+            ref = [t.float().numpy() for t in flat_tensors(model(x))]
             if end2end:  # the one-to-one predictions the top-k rows are picked from: (B, anchors, 4 + nc + extra)
                 table = head._inference(head.forward_head(feats[0], **head.one2one)).permute(0, 2, 1).double().numpy()
     finally:
         hook.remove()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, max(1, torch.get_num_threads()))
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=True)):
         raise YoloPruneError(
@@ -354,14 +334,6 @@ def _set_export_mode(model: nn.Module, head_state: dict) -> None:
             head.end2end = head_state.get("end2end", False)
     elif isinstance(head, Classify):
         head.export = True
-
-
-def _flat(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _flat(v)]
-    return []
 
 
 def _replace(src: Path, dest: Path) -> None:
