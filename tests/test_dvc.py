@@ -169,6 +169,10 @@ def test_import_walk_follows_lazy_relative_and_package_imports(tmp_path):
 
 # --- the user's own files are dependencies -------------------------------------------------------------------------
 
+def needs_dvc() -> None:
+    pytest.importorskip("dvc", reason="DVC is the pipeline extra: pip install -e '.[pipeline]' (make test has it)")
+
+
 def stale(repo: Path) -> set[str]:
     """Return the stages `dvc status` reports."""
     from dvc.repo import Repo
@@ -189,6 +193,7 @@ def commit(repo: Path) -> None:
 def user_pipeline(tmp_path, monkeypatch) -> tuple[Path, Path, Path]:
     """A copy of the pipeline pointed at the user's own model and data, every output faked and recorded in dvc.lock
     by `dvc commit` (nothing is trained): DVC then judges only whether the declared inputs changed."""
+    needs_dvc()
     repo, user = tmp_path / "repo", tmp_path / "user"
     repo.mkdir()
     for rel in ("dvc.yaml", "params.yaml", "stages", "yoloprune", "configs"):
@@ -238,6 +243,7 @@ def test_user_files_are_dependencies(user_pipeline):
 def test_plots_render_offline_and_tell_baseline_from_pruned(tmp_path, monkeypatch):
     """`dvc plots show` on the committed metrics writes a page that loads no script from the network (the libraries
     are inlined by .dvc/plots/offline.html) and whose trade-off scatter shapes each point by its model."""
+    needs_dvc()
     from dvc.cli import main
     from dvc.repo import Repo
 
