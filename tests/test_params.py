@@ -99,6 +99,8 @@ def test_cli_and_params_give_equal_configs():
     assert PruneConfig.from_args({"imgsz": 320}) == PruneConfig(imgsz=320)
     with pytest.raises(YoloPruneError, match=r"^command line: --round-to must be an int, got '8'$"):
         PruneConfig.from_args({"round_to": "8"})
+    # an option of the same name that means something else to the verb is left out; a fixed None is the default
+    assert ExportConfig.from_args({"batch": 4, "imgsz": None}, exclude=("batch",), opset=None) == ExportConfig()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from yoloprune.io import load_model, save_model, write_json
     from yoloprune.prune import PruneConfig, prune_model
 
-    cfg = PruneConfig.from_args(args)
+    cfg = PruneConfig.from_args(args, exclude=("threads",))  # --threads: the fine-tune's, not the latency target's
     out = Path(args.output) if args.output else _default_out(args.model, "pruned")
     if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
         check_data_yaml(args.data)  # before minutes of pruning, not after

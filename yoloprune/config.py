@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -74,15 +74,19 @@ class Config:
         return cls.from_section(section, source=source, **inherited, **fixed)
 
     @classmethod
-    def from_args(cls: type[C], args: argparse.Namespace | Mapping[str, Any], **fixed: Any) -> C:
+    def from_args(cls: type[C], args: argparse.Namespace | Mapping[str, Any], exclude: Collection[str] = (),
+                  **fixed: Any) -> C:
         """Return the config of parsed CLI arguments: each field from the option of the same ``dest``.
 
         Options left at ``None`` keep the field's default, so a flag's default lives in one
-        place, the dataclass. ``fixed`` sets fields whose option is named otherwise.
+        place, the dataclass. ``fixed`` sets fields whose option is named otherwise (``None``:
+        the default); ``exclude`` names options of the same name that mean something else
+        to this verb (``yoloprune prune --threads`` is the fine-tune's).
         """
         given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-        values = {n: given[n] for n in _field_names(cls) if given.get(n) is not None and n not in fixed}
-        return cls._build({**values, **fixed}, "", "command line", flag=True)
+        values = {n: given[n] for n in _field_names(cls) if n in given and n not in exclude and n not in fixed}
+        values.update(fixed)
+        return cls._build({k: v for k, v in values.items() if v is not None}, "", "command line", flag=True)
 
     @classmethod
     def _build(cls: type[C], values: Mapping[str, Any], where: str, source: str, flag: bool = False) -> C:
