@@ -220,12 +220,18 @@ class Distiller:
                     ", ".join(f"{s[0]}->{t[0]}" for s, t in zip(s_widths, t_widths)))
         return adapters.to(device)
 
+    def watch(self, student: nn.Module) -> None:
+        """Keep the feature maps ``student``'s head receives on each forward pass (for ``term``)."""
+        if self._student_hook is not None:
+            self._student_hook.remove()
+        self._student_hook = head_of(student).register_forward_pre_hook(self._student_inputs)
+
     def attach(self, student: nn.Module) -> None:
         """Become ``student``'s criterion, wrapping the one it has (or would build), and watch its head's inputs."""
         self.detach(student)
         self.base = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
         student.criterion = self
-        self._student_hook = head_of(student).register_forward_pre_hook(self._student_inputs)
+        self.watch(student)
 
     def detach(self, student: nn.Module) -> None:
         """Give ``student`` its own criterion back and stop watching its head."""
@@ -262,11 +268,15 @@ class Distiller:
             total = total + cwd_loss(student_maps, teacher_maps, self.adapters, self.cfg.temperature)
         return self.cfg.weight * total
 
+    def term(self, student_out: Any, img: torch.Tensor) -> torch.Tensor:
+        """Return the weighted distillation term of the student's forward pass on ``img`` (the teacher runs now)."""
+        return self.loss(raw_preds(student_out), self.teacher_forward(img), self._student_inputs.maps,
+                         self._teacher_inputs.maps)
+
     def __call__(self, preds: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the student's loss with the distillation term appended, and its items with ``distill_loss``."""
         loss, items = self.base(preds, batch)
         img = batch["img"]
-        term = self.loss(raw_preds(preds), self.teacher_forward(img), self._student_inputs.maps,
-                         self._teacher_inputs.maps)
-        scaled = term * (1 if self.task in BATCH_MEAN_TASKS else img.shape[0])
+        term = self.term(preds, img)
+        scaled = term * (1 if self.task in BATCH_MEAN_TASKS else img.shape[0])  # as Ultralytics scales its loss
         return torch.cat([loss.reshape(-1), scaled.reshape(1).to(loss.dtype)]), {**items, "distill_loss": term.detach()}
