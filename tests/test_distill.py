@@ -198,3 +198,39 @@ def test_distillation_trains_every_task(tmp_path, task):
     assert float(result.rows[0]["train/distill_loss"]) > 0
     assert result.teacher_seconds[0] > 0
     assert load_model(result.best).state_dict().keys() == student.state_dict().keys()
+
+
+class Interrupted(Exception):
+    """Stands in for a killed run."""
+
+
+@pytest.mark.slow
+def test_distilled_run_resumes_exactly_adapters_included(tmp_path, checkpoints, dataset):
+    student, teacher = checkpoints
+    distill = {"method": "both", "temperature": 2.0}
+    settings = {"epochs": 2, "imgsz": IMGSZ, "batch": 4, "nbs": 4}
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        finetune(student, dataset, threads=1, teacher=teacher, distill=distill, out_dir=tmp_path / "run",
+                 callbacks={"on_model_save": [stop_after_first_epoch]}, **settings)
+    state = torch.load(tmp_path / "run" / "weights" / "resume_fp32.pt", map_location="cpu", weights_only=False)
+    assert [v.shape[:2] for k, v in state["adapters"].items() if k.endswith("weight")] == [(128, 64), (256, 128),
+                                                                                          (512, 256)]
+    assert can_resume(tmp_path / "run", student, dataset, teacher=teacher, distill=distill, **settings)
+    assert not can_resume(tmp_path / "run", student, dataset, **settings)  # without distillation: another run
+    assert not can_resume(tmp_path / "run", student, dataset, teacher=teacher, distill={**distill, "weight": 2.0},
+                          **settings)
+    result = finetune(student, dataset, threads=1, teacher=teacher, distill=distill, out_dir=tmp_path / "run",
+                      resume=True, **settings)
+    whole = finetune(student, dataset, threads=1, teacher=teacher, distill=distill, out_dir=tmp_path / "whole",
+                     **settings)
+    got, want = load_model(result.best).state_dict(), load_model(whole.best).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    def rows(r):
+        return [{k: v for k, v in row.items() if k not in {"time", "teacher_s"}} for row in r.rows]
+    assert rows(result) == rows(whole) and result.metrics == whole.metrics
