@@ -6,17 +6,20 @@ exit_on_error()  # first: an entry point (Ultralytics offline before anything im
 
 from pathlib import Path
 
+from yoloprune.config import FinetuneConfig
 from yoloprune.curves import results_text
 from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model, write_json, write_text
 from yoloprune.params import data_yaml, load_params
 from yoloprune.train import TEACHER_SECONDS
 
-PRUNED, RUN = Path("models/pruned.pt"), Path("runs/finetune")
+PRUNED, RUN, TEACHER = Path("models/pruned.pt"), Path("runs/finetune"), Path("models/baseline.pt")
 
 params = load_params()
 f, data = params["finetune"], data_yaml(params)
 settings = {"epochs": f["epochs"], "imgsz": params["imgsz"], "batch": f["batch"], **f["args"]}
+distill = FinetuneConfig.from_params(params).distill  # the unpruned baseline teaches, unless method is none
+settings.update(teacher=TEACHER if distill.terms else None, distill=distill)
 result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], threads=f["threads"], out_dir=RUN,
                   resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})

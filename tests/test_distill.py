@@ -234,3 +234,14 @@ def test_distilled_run_resumes_exactly_adapters_included(tmp_path, checkpoints, 
     def rows(r):
         return [{k: v for k, v in row.items() if k not in {"time", "teacher_s"}} for row in r.rows]
     assert rows(result) == rows(whole) and result.metrics == whole.metrics
+
+
+def test_cli_passes_the_distillation_flags(checkpoints, dataset, capsys):
+    from yoloprune.cli import main
+
+    student, _ = checkpoints
+    assert main(["finetune", str(student), "--data", str(dataset), "--distill", "cwd"]) != 0
+    assert "distill method cwd needs a teacher" in capsys.readouterr().err
+    assert main(["finetune", str(student), "--data", str(dataset), "--teacher", str(student), "--distill", "cwd",
+                 "--distill-temperature", "0"]) != 0
+    assert "distill temperature must be a finite number > 0" in capsys.readouterr().err

@@ -66,11 +66,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _finetune(model: Path, args: argparse.Namespace, out_dir: Path, resume: bool):
+    from yoloprune.config import DistillConfig
     from yoloprune.finetune import finetune
 
+    distill = DistillConfig.from_args({}, method=getattr(args, "distill", None),  # the prune verb has no such flags
+                                      weight=getattr(args, "distill_weight", None),
+                                      temperature=getattr(args, "distill_temperature", None))
     result = finetune(model, args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
                       device=str(args.device), out_dir=out_dir, resume=resume, workers=args.workers,
-                      threads=args.threads)
+                      threads=args.threads, teacher=getattr(args, "teacher", None), distill=distill)
     print(f"fine-tuned {result.epochs} epochs: mAP50 {_fmt(result.map50)}, mAP50-95 {_fmt(result.map50_95)} "
           f"(run: {result.save_dir})")
     return result
@@ -156,6 +160,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every verb."""
     from yoloprune.benchmark import RUNTIMES
+    from yoloprune.config import DISTILL_METHODS
     from yoloprune.export import FORMATS
     from yoloprune.importance import METHODS
 
@@ -194,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--imgsz", type=int, default=640, help="training image size (default 640)")
     _training_args(f, epochs=10)
     f.add_argument("--resume", action="store_true", help="continue the interrupted run of this output")
+    f.add_argument("--teacher", help="the unpruned .pt checkpoint to distil from (with --distill)")
+    f.add_argument("--distill", choices=list(DISTILL_METHODS), default=None,
+                   help="distillation: output (class scores, box distributions), cwd (channel-wise, neck features) "
+                        "or both (default none)")
+    f.add_argument("--distill-weight", type=float, help="multiplies the distillation loss (default 1.0)")
+    f.add_argument("--distill-temperature", type=float, help="softening temperature (default 1.0)")
     f.add_argument("-o", "--output", help="output .pt, the best epoch in fp32 (default: <model>-finetuned.pt)")
     f.set_defaults(func=cmd_finetune)
 
