@@ -17,12 +17,12 @@ import yoloprune  # noqa: F401  (offline switches before ultralytics is imported
 from yoloprune.data import make_dataset
 from yoloprune.errors import YoloPruneError
 from yoloprune.finetune import can_resume, finetune
-from yoloprune.resume import BEST_FP32, RESUME_STATE, EpochShuffle, epoch_seed
-from yoloprune.threads import cpu_threads
-from yoloprune.train import PrunedDetectionTrainer, _is_integration, match_dataset
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter
 from yoloprune.prune import PruneConfig, prune_model
+from yoloprune.resume import BEST_FP32, RESUME_STATE, EpochShuffle, epoch_seed
+from yoloprune.threads import cpu_threads
+from yoloprune.train import PrunedDetectionTrainer, _is_integration, match_dataset
 
 IMGSZ = 64
 ENV = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}  # a fresh process that never imported yoloprune

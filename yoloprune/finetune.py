@@ -19,8 +19,8 @@ from ultralytics.utils import DEFAULT_CFG_DICT, RANK
 from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.patches import torch_load
 
-from yoloprune.curves import map_curve, read_results
 from yoloprune.config import DistillConfig
+from yoloprune.curves import map_curve, read_results
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model, write_json
 from yoloprune.resume import SOURCE, check_resumable, fingerprint, same_run, weights_digest
@@ -45,7 +45,7 @@ class FinetuneResult:
     save_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)  # Ultralytics' names, e.g. "metrics/mAP50-95(B)"
     rows: tuple[dict[str, str], ...] = ()  # results.csv, one row per epoch (``read_results``): losses, metrics, lr
-    distill: DistillConfig = DistillConfig()  # how the run distilled (method none: it did not)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # how the run distilled (method none: it did not)
 
     @property
     def results_csv(self) -> Path:
