@@ -15,6 +15,9 @@ from yoloprune.errors import YoloPruneError
 GENERATIONS = ("yolov8n", "yolo11n", "yolo26n")
 TASKS = ("", "-seg", "-pose", "-obb", "-cls")
 ALL_MODELS = [f"{g}{t}.yaml" for g in GENERATIONS for t in TASKS]
+# YOLO12 and YOLOv10: detect runs in the default tier (tests/test_families.py, at 64 px); every task here.
+NEW_FAMILIES = [pytest.param(f"yolo12n{t}.yaml", marks=pytest.mark.slow) for t in TASKS] + [
+    pytest.param("yolov10n.yaml", marks=pytest.mark.slow)]
 
 
 def layer_outputs(model: nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -29,7 +32,7 @@ def layer_outputs(model: nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]
     return outs
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS + NEW_FAMILIES)
 def test_converted_model_matches_every_layer_in_float64(name):
     base = live_model(name).double().eval()
     converted = copy.deepcopy(base)

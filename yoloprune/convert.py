@@ -13,12 +13,17 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from ultralytics.nn.modules import C2PSA, C2f, C3k2, Conv
+from ultralytics.nn.modules import C2PSA, C2f, C3k2, Conv, Detect
 from ultralytics.nn.modules.block import PSA, AAttn, Attention, C2fCIB
 
 from yoloprune.errors import YoloPruneError
 from yoloprune.modules import C2PSAV2, PSAV2, AAttnV2, AttentionV2, C2fV2, C3k2V2
+
+# Blocks whose products and reshapes the pruner knows: it keeps attention internals whole and never prunes the
+# outputs a detection head reshapes (boxes, DFL bins, masks, keypoints).
+TRUSTED: tuple[type[nn.Module], ...] = (AttentionV2, AAttnV2, Detect)
 
 Converter = Callable[[nn.Module], nn.Module]
 CONVERTERS: dict[type[nn.Module], Converter] = {}
@@ -185,3 +190,84 @@ def find_channel_splits(model: nn.Module, imgsz: int = 64) -> set[str]:
         model(x)
     model.train(was_training)
     return spy.found
+
+
+# Products between activations (attention), and sampling at computed positions (deformable attention): Torch-Pruning's
+# graph treats them as element-wise ops and couples whatever channels meet in them, or loops over the reshapes
+# around them (measured: YOLO12's unconverted area attention grew to 12 GB in ten minutes).
+ATTENTION_OPS = frozenset({
+    torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm, torch.Tensor.bmm,
+    torch.baddbmm, torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward, F.grid_sample,
+})
+RESHAPES = frozenset({torch.reshape, torch.Tensor.reshape, torch.Tensor.view})
+
+
+class _UnprunableSpy(TorchFunctionMode):
+    """Record the first op that mixes activations of different channels in a way the pruner cannot follow."""
+
+    def __init__(self, stack: list[nn.Module]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.found: tuple[list[nn.Module], str] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.found is None and self.stack and not any(isinstance(m, TRUSTED) for m in self.stack):
+            if func in ATTENTION_OPS:
+                self.found = (list(self.stack), f"computes attention ({getattr(func, '__name__', func)})")
+            elif func in RESHAPES and _splits_channels(args[0] if args else None, out):
+                self.found = (list(self.stack), f"reshapes channels {tuple(args[0].shape)} -> {tuple(out.shape)}")
+        return out
+
+
+def _splits_channels(x: object, out: object) -> bool:
+    """Return whether a reshape of a feature map (B, C, H, W) moves its channel axis (heads, groups, shuffles)."""
+    return (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.ndim == 4 and out.ndim >= 2
+            and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1])
+
+
+@contextmanager
+def _module_objects(model: nn.Module) -> Iterator[list[nn.Module]]:
+    stack: list[nn.Module] = []
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, _args: stack.append(mod)))
+        handles.append(m.register_forward_hook(lambda *_: stack.pop() and None))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_prunable(model: nn.Module, imgsz: int = 64) -> None:
+    """Return if Torch-Pruning can trace ``model`` (converted); else raise ``YoloPruneError`` naming the block.
+
+    One forward pass at ``imgsz`` watches every op: attention products and reshapes that
+    move the channel axis, outside the attention blocks yoloprune converts and keeps whole,
+    would make the dependency graph hang or corrupt the block, so the model is refused in
+    seconds instead. Detection heads pass: their reshapes act on output layers, never pruned.
+    """
+    layers = getattr(model, "model", None)
+    index = {id(m): i for i, m in enumerate(layers)} if isinstance(layers, nn.Sequential) else {}
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, imgsz, imgsz, dtype=next(model.parameters()).dtype)
+    try:
+        with torch.no_grad(), _module_objects(model) as stack, _UnprunableSpy(stack) as spy:
+            model(x)
+    finally:
+        model.train(was_training)
+    if spy.found is None:
+        return
+    stack, what = spy.found
+    top = next((m for m in stack if id(m) in index), stack[-1])
+    where = f"layer {index[id(top)]} ({type(top).__name__})" if id(top) in index else type(top).__name__
+    block = type(stack[-1]).__name__
+    inner = f"{block} in {where}" if stack[-1] is not top else where
+    raise YoloPruneError(
+        f"{inner} {what}, which no yoloprune converter covers: Torch-Pruning's graph would hang on it or prune it "
+        f"wrong. Register a converter for {block} in yoloprune/convert.py, or use a model without it "
+        f"(converted: {', '.join(sorted(t.__name__ for t in CONVERTERS))})"
+    )

@@ -81,9 +81,28 @@ def load_model(source: str | Path, nc: int | None = None) -> nn.Module:
     return model
 
 
+def _check_yaml_syntax(path: Path) -> None:
+    """Raise a one-line ``YoloPruneError`` naming the line and column if the yaml file at ``path`` does not parse."""
+    import yaml
+
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError as e:
+        parts = []
+        for text, mark in ((getattr(e, "context", None), getattr(e, "context_mark", None)),
+                           (getattr(e, "problem", None) or str(e), getattr(e, "problem_mark", None))):
+            if text:
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                parts.append(" ".join(text.split()) + at)
+        raise YoloPruneError(f"{path}: not valid YAML: {': '.join(parts)}; fix it there (an unclosed bracket or quote, "
+                             "a tab indent), or start from an Ultralytics model yaml such as yolo11n.yaml") from None
+
+
 def _from_yaml(name: str, nc: int | None = None) -> nn.Module:
     from ultralytics import YOLO
 
+    if Path(name).is_file():  # Ultralytics' own message is five lines and a link; ours names the spot in one
+        _check_yaml_syntax(Path(name))
     try:
         with torch.random.fork_rng():  # seeded: the same yaml gives the same random weights, run after run
             torch.manual_seed(0)
@@ -95,7 +114,8 @@ def _from_yaml(name: str, nc: int | None = None) -> nn.Module:
     except NotImplementedError as e:  # a yaml of another family (RT-DETR, ...) that YOLO() cannot build
         raise YoloPruneError(f"{name}: this model family is not supported; yoloprune prunes {SUPPORTED}") from e
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-        raise YoloPruneError(f"{name}: not a known Ultralytics model yaml ({e}); try yolov8n.yaml, yolo11n.yaml "
+        detail = " ".join(str(e).split())  # one line, whatever the wrapped library wrote
+        raise YoloPruneError(f"{name}: not a known Ultralytics model yaml ({detail}); try yolov8n.yaml, yolo11n.yaml "
                              "or yolo26n.yaml") from e
     return _check_supported(model, name)
 

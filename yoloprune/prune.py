@@ -22,7 +22,7 @@ from ultralytics.nn.modules import Conv
 from ultralytics.nn.modules.block import Proto
 
 from yoloprune.config import Config
-from yoloprune.convert import convert_model
+from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
 from yoloprune.macs import MacCounter, count_params, deployed_branch
@@ -140,11 +140,16 @@ def trace_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Make a loaded model prunable in place: fp32, trainable parameters (checkpoints load frozen), converted."""
+    """Make a loaded model prunable in place: fp32, trainable parameters (checkpoints load frozen), converted.
+
+    Raises ``YoloPruneError`` in seconds for a block the pruner cannot trace (``check_prunable``), before
+    Torch-Pruning's graph would hang on it.
+    """
     model.float()
     for p in model.parameters():
         p.requires_grad_(True)
     convert_model(model)
+    check_prunable(model)
     return model
 
 
