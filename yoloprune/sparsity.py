@@ -106,11 +106,14 @@ def dependency_groups(model: nn.Module, imgsz: int = 64) -> list[list[_Slice]]:
     """
     from yoloprune.prune import trace_forward
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a trainer may hold BatchNorms in eval mode
     example = torch.randn(1, 3, imgsz, imgsz, device=next(model.parameters()).device)
-    with torch.enable_grad():  # the graph is traced through autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=trace_forward)
-    model.train(was_training)
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=trace_forward)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     groups = graph.get_all_groups(ignored_layers=ignored_layers(model), root_module_types=[nn.Conv2d, nn.Linear])
     return [s for s in (_slices(g) for g in groups) if s]
 
