@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch_pruning as tp
 from conftest import live_model, tensors
 from thop import profile
 from torch import nn
@@ -16,7 +17,17 @@ from yoloprune.errors import YoloPruneError
 from yoloprune.importance import METHODS
 from yoloprune.io import load_model, save_model
 from yoloprune.modules import AttentionV2
-from yoloprune.prune import PruneConfig, output_layers, prune_model, trace_forward
+from yoloprune.macs import MacCounter
+from yoloprune.prune import (
+    PruneConfig,
+    attention_internals,
+    layers_table,
+    output_layers,
+    prepare,
+    prune_model,
+    trace_forward,
+    width_changes,
+)
 
 
 def deployed(model: nn.Module) -> nn.Module:
@@ -161,3 +172,53 @@ def test_unreachable_target_reports_best_reachable():
 def test_config_rejects_bad_values(kwargs, words):
     with pytest.raises(YoloPruneError, match=words):
         PruneConfig(**kwargs)
+
+
+def test_mac_delta_predicts_every_pruned_group_exactly():
+    """The loop decides how much of a group to prune from MacCounter.delta before pruning: it must be exact."""
+    model = live_model("yolo11n.yaml")  # plain, depthwise (head) and concatenated convs
+    prepare(model)
+    counter = MacCounter(model, 160)
+    pruner = tp.pruner.BasePruner(model, torch.rand(1, 3, 64, 64), importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.3, round_to=8, ignored_layers=output_layers(model)
+                                  + attention_internals(model), forward_fn=trace_forward)
+    checked = 0
+    for group in pruner.step(interactive=True):
+        predicted = counter() + counter.delta(width_changes(group))
+        group.prune()
+        assert counter() == predicted
+        checked += 1
+    assert checked > 20
+
+
+@pytest.mark.parametrize("speed_up", [2.0, 3.0])
+def test_group_that_would_overshoot_is_pruned_in_part(speed_up):
+    """With 3 steps every group is large: pruning the one that crosses the target whole jumped far past it ("overshot",
+    issue 23; at the default 40 steps the same happened on a trained yolov8n-obb). Part of it is pruned instead."""
+    model = live_model("yolov8n.yaml")
+    report = prune_model(model, PruneConfig(speed_up=speed_up, imgsz=160, iterative_steps=3), progress=False)
+    assert speed_up <= report.speed_up <= speed_up * 1.02
+    assert report.macs_speed_up == report.speed_up and report.target == "macs"
+    assert report.predicted_latency_speed_up is None
+
+    rows = report.layers
+    assert len(rows) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert rows[0]["name"] == "model.0.conv" and rows[0]["resolution"] == "80x80" and rows[0]["base_width"] == 16
+    assert any(r["kept_width"] < r["base_width"] for r in rows)
+    assert all(r["kept"] == r["kept_width"] / r["base_width"] for r in rows)
+    csv = layers_table(report, "csv").splitlines()
+    assert csv[0] == "name,resolution,base_width,kept_width,kept" and len(csv) == len(rows) + 1
+    md = layers_table(report.to_dict(), "markdown").splitlines()
+    assert md[2].startswith(f"| model.0.conv | 80x80 | 16 | {rows[0]['kept_width']} |")
+
+
+@pytest.mark.slow
+def test_latency_target_reaches_predicted_speed_up(tmp_path):
+    model = live_model("yolov8n.yaml")
+    cfg = PruneConfig(speed_up=2.0, imgsz=160, target="latency", threads=2, latency_cache=str(tmp_path))
+    report = prune_model(model, cfg, progress=False)
+    assert report.target == "latency" and report.runtime == "onnxruntime"
+    assert report.speed_up == report.predicted_latency_speed_up == pytest.approx(2.0, rel=0.02)
+    assert report.predicted_base_ms / report.predicted_pruned_ms == pytest.approx(report.speed_up)
+    assert report.macs_speed_up > 1.5  # fewer MACs too, though not in proportion
+    assert list(tmp_path.glob("onnxruntime-*.json"))

@@ -19,7 +19,7 @@ from ultralytics.nn.modules import Detect
 
 from yoloprune.modules import AttentionV2
 
-__all__ = ["MacCounter", "count_params", "deployed_branch", "module_macs"]
+__all__ = ["MacCounter", "count_params", "deployed_branch", "module_macs", "pruned_macs"]
 
 
 def module_macs(m: nn.Module, size: int) -> int:
@@ -27,6 +27,20 @@ def module_macs(m: nn.Module, size: int) -> int:
     if isinstance(m, AttentionV2):  # q^T k and v attn^T, each per head over N x N positions
         return m.num_heads * size * size * (m.key_dim + m.head_dim)
     return m.weight.numel() * size  # conv: out*in/g*kh*kw per output position; transposed: per input position
+
+
+def pruned_macs(m: nn.Module, size: int, din: int, dout: int) -> int:
+    """Return MACs of one conv or linear layer after it loses ``din`` input and ``dout`` output channels."""
+    w = m.weight.shape
+    kk = w[2] * w[3] if len(w) == 4 else 1
+    if isinstance(m, nn.Linear):
+        return (w[0] - dout) * (w[1] - din) * size
+    groups = getattr(m, "groups", 1)
+    if isinstance(m, nn.ConvTranspose2d):  # weight: in, out/groups, kh, kw
+        return (w[0] - din) * ((w[1] * groups - dout) // groups) * kk * size
+    if groups > 1 and groups == m.in_channels == m.out_channels:  # depthwise: one cut removes input and output
+        return (w[0] - max(din, dout)) * kk * size
+    return (w[0] - dout) * ((w[1] * groups - din) // groups) * kk * size
 
 
 class MacCounter:
@@ -65,6 +79,11 @@ class MacCounter:
     def __call__(self) -> int:
         """Return the current MACs for one image."""
         return sum(module_macs(m, s) for m, s in self.sizes.items())
+
+    def delta(self, changes: dict[nn.Module, tuple[int, int]]) -> int:
+        """Return the change in MACs if the layers in ``changes`` lost (input, output) channels; nothing is pruned."""
+        return sum(pruned_macs(m, self.sizes[m], din, dout) - module_macs(m, self.sizes[m])
+                   for m, (din, dout) in changes.items() if m in self.sizes and not isinstance(m, AttentionV2))
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,8 +1,12 @@
-"""Prune a converted Ultralytics YOLO model to a target MACs speed-up with Torch-Pruning.
+"""Prune a converted Ultralytics YOLO model to a target speed-up (MACs or latency) with Torch-Pruning.
 
 The loop prunes in ``iterative_steps`` small global (or per-layer) steps and checks
-the MACs after every pruned group, so it stops within a group of the target rather
-than a whole step past it. Output layers are never pruned: every head's final convs
+the cost (MACs, or the latency model's prediction) after every pruned group. The group
+that would cross the target is pruned only in part, its least important channels
+first, just enough to reach it, so the target is met within a channel at any
+``iterative_steps``. With ``target: latency`` each group's importance is divided by
+the time one of its channels saves (see ``CostAware``), so the loop prunes where the
+time goes. Output layers are never pruned: every head's final convs
 and linears, DFL, the mask prototypes' output conv, and the attention internals
 (see ``AttentionV2``).
 """
@@ -13,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 import torch_pruning as tp
@@ -25,6 +30,7 @@ from yoloprune.config import Config
 from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
+from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel
 from yoloprune.macs import MacCounter, count_params, deployed_branch
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.runtime import flat_tensors, versions
@@ -32,6 +38,7 @@ from yoloprune.runtime import flat_tensors, versions
 LOGGER = logging.getLogger("yoloprune")
 
 BRANCHES = ("auto", "one2one", "one2many")
+TARGETS = ("macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class PruneConfig(Config):
     SECTION = "prune"
     INHERITS = ("speed_up", "method", "imgsz")
 
-    speed_up: float = 2.0  # target base MACs / pruned MACs at imgsz
+    speed_up: float = 2.0  # target base / pruned cost at imgsz: MACs, or predicted latency (target: latency)
     method: str = "lamp"  # importance criterion, see yoloprune.importance.METHODS
     global_pruning: bool = True  # rank channels across layers (True) or prune each layer by the same ratio
     iterative_steps: int = 40  # schedule: step k may remove up to k/steps of the channels; the loop stops inside the step that hits the target
@@ -51,6 +58,10 @@ class PruneConfig(Config):
     tolerance: float = 0.02  # accepted relative error of the achieved speed-up
     branch: str = "auto"  # YOLO26 head branch whose MACs count: auto = the one predict/export use
     seed: int = 0  # seeds the random method and calibration inputs
+    target: str = "macs"  # what speed_up divides: macs, or latency (predicted on runtime, see yoloprune.latency)
+    runtime: str = "onnxruntime"  # target: latency: onnxruntime (CPU) | torch (CPU) | cuda
+    threads: int = 2  # target: latency: the runtime's threads, as deployed
+    latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -72,6 +83,12 @@ class PruneConfig(Config):
         check_imgsz(self.imgsz)
         if self.branch not in BRANCHES:
             bad(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}")
+        if self.target not in TARGETS:
+            bad(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.runtime not in RUNTIMES:
+            bad(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            bad(f"threads must be a positive integer, got {self.threads!r}")
 
 
 @dataclass
@@ -92,10 +109,32 @@ class PruneReport:
     seconds: float
     counted_branch: str
     versions: dict = field(default_factory=dict)
+    target: str = "macs"  # what speed_up divides
+    macs_speed_up: float = 0.0  # base / pruned MACs, whatever the target
+    runtime: str | None = None  # the latency model's runtime (target: latency)
+    predicted_base_ms: float | None = None
+    predicted_pruned_ms: float | None = None
+    predicted_latency_speed_up: float | None = None
+    layers: list[dict] = field(default_factory=list)  # per conv: name, resolution, base and kept width
 
     def to_dict(self) -> dict:
         """Return the report as a JSON-ready dict."""
         return asdict(self)
+
+
+LAYER_COLUMNS = ("name", "resolution", "base_width", "kept_width", "kept")
+
+
+def layers_table(report: dict | PruneReport, fmt: str = "markdown") -> str:
+    """Return the report's per-layer kept widths as a markdown table or CSV (``fmt``: markdown | csv)."""
+    rows = (report.layers if isinstance(report, PruneReport) else report["layers"])
+    cells = [[str(r[c]) if c != "kept" else f"{r[c]:.3f}" for c in LAYER_COLUMNS] for r in rows]
+    if fmt == "csv":
+        return "\n".join(",".join(r) for r in [list(LAYER_COLUMNS), *cells]) + "\n"
+    if fmt != "markdown":
+        raise YoloPruneError(f"unknown table format {fmt!r}: choose markdown or csv")
+    lines = ["| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -173,14 +212,25 @@ def prune_model(
     branch, unused = deployed_branch(model, cfg.branch)
     counter = MacCounter(model, cfg.imgsz, exclude=set(unused))
     base_macs, base_params = counter(), count_params(model)
-    target = base_macs / cfg.speed_up
+    base_widths = {m: m.out_channels for m in counter.sizes if isinstance(m, nn.Conv2d)}
 
     example = torch.randn(1, 3, 64, 64)
     ignored = output_layers(model) + attention_internals(model) + frozen_dfl
+    latency = None
+    if cfg.target == "latency":
+        latency = LatencyModel(model, LatencyConfig(cfg.runtime, cfg.threads, cfg.imgsz, cache_dir=cfg.latency_cache),
+                               exclude=set(unused), fixed_out=set(ignored), progress=progress)
+    cost: Cost = latency if latency is not None else counter
+    base_cost = cost()
+    target = base_cost / cfg.speed_up
+    floor = base_cost / (cfg.speed_up * (1 + cfg.tolerance))  # the cost at the largest accepted speed-up
+    importance = method.build()
+    if latency is not None:
+        importance = CostAware(importance, latency, cfg.round_to)
     pruner = tp.pruner.BasePruner(
         model,
         example,
-        importance=TieBreak(method.build(), cfg.seed),
+        importance=TieBreak(importance, cfg.seed),
         global_pruning=cfg.global_pruning,
         pruning_ratio=1.0,
         max_pruning_ratio=cfg.max_layer_ratio,
@@ -192,23 +242,24 @@ def prune_model(
     if method.needs_gradients and loss_fn is None:
         loss_fn = _proxy_loss(cfg.seed)
 
-    macs, steps, reached = base_macs, 0, False
-    bar = tqdm(range(cfg.iterative_steps), desc=f"prune {cfg.method} -> {cfg.speed_up:g}x", disable=not progress)
+    now, steps, reached = base_cost, 0, False
+    bar = tqdm(range(cfg.iterative_steps), desc=f"prune {cfg.method} -> {cfg.speed_up:g}x {cfg.target}",
+               disable=not progress)
     for steps in bar:
         if method.needs_gradients:
             _accumulate_gradients(model, loss_fn)
         for group in pruner.step(interactive=True):
-            group.prune()
-            macs = counter()
-            if macs <= target:
+            now = prune_group(pruner, group, cost, target, floor, cfg.round_to)
+            if now <= target:
                 reached = True
                 break
-        bar.set_postfix(speed_up=f"{base_macs / macs:.3f}")
+        bar.set_postfix(speed_up=f"{base_cost / now:.3f}")
         if reached:
             break
     bar.close()
     model.zero_grad(set_to_none=True)
-    achieved = base_macs / macs
+    achieved = base_cost / now
+    macs = counter()
     if not reached:
         raise YoloPruneError(
             f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
@@ -219,6 +270,10 @@ def prune_model(
             f"speed_up {cfg.speed_up:g} overshot: pruning one more channel group jumped to {achieved:.3f}x, more than "
             f"{cfg.tolerance:.0%} past the target; prune in finer steps (raise iterative_steps or lower round_to)"
         )
+    predicted = {}
+    if latency is not None:
+        predicted = {"runtime": cfg.runtime, "predicted_base_ms": base_cost, "predicted_pruned_ms": now,
+                     "predicted_latency_speed_up": achieved}
     return PruneReport(
         base_macs=base_macs,
         pruned_macs=macs,
@@ -234,7 +289,118 @@ def prune_model(
         seconds=time.perf_counter() - t0,
         counted_branch=branch,
         versions=versions(),
+        target=cfg.target,
+        macs_speed_up=base_macs / macs,
+        layers=kept_layers(model, base_widths, counter.sizes),
+        **predicted,
     )
+
+
+class Cost(Protocol):
+    """What the loop drives down: MACs (``MacCounter``) or predicted latency (``LatencyModel``)."""
+
+    def __call__(self) -> float: ...
+
+    def delta(self, changes: dict[nn.Module, tuple[int, int]]) -> float: ...
+
+
+def width_changes(group) -> dict[nn.Module, tuple[int, int]]:
+    """Return, for each conv or linear layer a Torch-Pruning group touches, the (input, output) channels it removes."""
+    dg = group._DG  # the graph that built the group; it knows which pruning functions cut output channels
+    removed: dict[tuple[nn.Module, bool], set[int]] = {}
+    for dep, idxs in group:
+        m = dep.target.module
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            key = (m, dg.is_out_channel_pruning_fn(dep.handler))
+            removed.setdefault(key, set()).update(int(i) for i in tp._helpers.to_plain_idxs(idxs))
+    changes: dict[nn.Module, tuple[int, int]] = {}
+    for (m, is_out), idxs in removed.items():
+        din, dout = changes.get(m, (0, 0))
+        changes[m] = (din, dout + len(idxs)) if is_out else (din + len(idxs), dout)
+    return changes
+
+
+def prune_group(pruner: tp.pruner.BasePruner, group, cost: Cost, target: float, floor: float, round_to: int) -> float:
+    """Prune ``group``, or, where that would cross ``target``, only enough of its channels to reach it; return the cost.
+
+    The part pruned is the group's least important channels (the pruner's importance at
+    the current widths), as few as reach ``target``, or a few more if that leaves the
+    layer's width a multiple of ``round_to`` and the cost above ``floor``. Torch-Pruning
+    prunes a group on any subset of its root indices (``DG.get_pruning_group``).
+    """
+    now = cost()
+    if now + cost.delta(width_changes(group)) > target:
+        group.prune()
+        return cost()
+    dg = pruner.DG
+    root = group[0].dep
+    module, fn = root.target.module, root.handler
+    idxs = [int(i) for i in tp._helpers.to_plain_idxs(group[0].idxs)]
+    is_out = dg.is_out_channel_pruning_fn(fn)
+    width = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+    if len(idxs) < 2 or width is None or pruner._get_channel_groups(group) > 1:  # grouped channels prune together
+        group.prune()
+        return cost()
+    imp = pruner.estimate_importance(dg.get_pruning_group(module, fn, list(range(width))))
+    if imp is not None and len(imp) == width:
+        idxs.sort(key=lambda i: float(imp[i]))
+
+    def part(k: int):
+        return dg.get_pruning_group(module, fn, sorted(idxs[:k]))
+
+    def after(k: int) -> float:
+        return now + cost.delta(width_changes(part(k)))
+
+    lo, hi = 1, len(idxs)  # after(len(idxs)) <= target: find the fewest channels that reach it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if after(mid) <= target else (mid + 1, hi)
+    aligned = width - (width - lo) // round_to * round_to  # round the kept width down to a multiple
+    k = aligned if lo < aligned <= len(idxs) and after(aligned) >= floor else lo
+    subgroup = part(k)
+    if not dg.check_pruning_group(subgroup):
+        group.prune()
+        return cost()
+    subgroup.prune()
+    return cost()
+
+
+class CostAware(tp.importance.Importance):
+    """Divide each group's importance by the cost (ms) one of its channels saves at the current widths.
+
+    The loop then removes the channels with the lowest importance per unit of time saved:
+    a high-resolution layer's channel goes before a low-resolution one of equal
+    importance. The saving is measured over ``step`` channels (``round_to``), so a layer
+    whose next aligned width is much faster shows it. Scores stay comparable across layers
+    when the inner importance is (LAMP normalises within each layer); the division only
+    reweights whole layers.
+    """
+
+    def __init__(self, inner: tp.importance.Importance, cost: Cost, step: int = 8) -> None:
+        self.inner, self.cost, self.step = inner, cost, step
+
+    def __call__(self, group, **kwargs):
+        """Return the inner importance of ``group`` divided by its channels' predicted saving (None where it is None)."""
+        imp = self.inner(group, **kwargs)
+        if imp is None:
+            return None
+        n = len(imp)
+        d = max(1, min(self.step, n - 1))
+        changes = {m: (round(din * d / n), round(dout * d / n)) for m, (din, dout) in width_changes(group).items()}
+        saved = -self.cost.delta(changes) / d
+        return imp / max(saved, 1e-9)
+
+
+def kept_layers(model: nn.Module, base_widths: dict[nn.Module, int], sizes: dict[nn.Module, int]) -> list[dict]:
+    """Return one row per conv: its name, output resolution, width before pruning and kept width."""
+    rows = []
+    for name, m in model.named_modules():
+        if m in base_widths:
+            side = round(sizes[m] ** 0.5)
+            res = f"{side}x{side}" if side * side == sizes[m] else str(sizes[m])
+            rows.append({"name": name, "resolution": res, "base_width": base_widths[m], "kept_width": m.out_channels,
+                         "kept": m.out_channels / base_widths[m]})
+    return rows
 
 
 def _proxy_loss(seed: int) -> Callable[[nn.Module], torch.Tensor]:

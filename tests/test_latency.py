@@ -1,0 +1,122 @@
+"""Latency model: predictions order widths as measurement does, the cache is reused and keyed, runtimes fail cleanly."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from yoloprune.errors import YoloPruneError
+from yoloprune.latency import LatencyConfig, LatencyModel, OnnxRuntime, TorchRuntime, get_runtime
+from yoloprune.macs import MacCounter
+from yoloprune.prune import CostAware, PruneConfig
+
+
+def tiny(mid: int = 64) -> nn.Sequential:
+    """A stem, one wide conv whose width the tests vary, and a 1x1 output conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.SiLU(), nn.Conv2d(16, mid, 3, 1, 1), nn.SiLU(),
+                         nn.Conv2d(mid, 8, 1)).eval()
+
+
+def test_predictions_order_widths_as_measured(tmp_path):
+    base = tiny(64)
+    lat = LatencyModel(base, LatencyConfig(threads=1, imgsz=128, cache_dir=str(tmp_path)))
+    runtime = OnnxRuntime(threads=1)
+    predicted, measured = {}, {}
+    for width in (16, 32, 64):
+        # what pruning the middle conv to `width` does: it loses outputs, the output conv loses inputs
+        predicted[width] = lat() + lat.delta({base[2]: (0, 64 - width), base[4]: (64 - width, 0)})
+        measured[width] = runtime.time_model(tiny(width), 128, reps=5)
+    assert sorted(predicted, key=predicted.get) == sorted(measured, key=measured.get) == [16, 32, 64]
+    assert lat() == pytest.approx(lat.whole_ms)  # at full width the prediction is the measured whole network
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Count every timing call the runtimes make (layer tables and whole networks)."""
+    calls = {"n": 0}
+    for cls in (OnnxRuntime, TorchRuntime):
+        for name in ("time_conv", "time_model"):
+            real = getattr(cls, name)
+
+            def counted(self, *args, _real=real, **kwargs):
+                calls["n"] += 1
+                return _real(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_cache_is_reused_and_invalidated_by_runtime_threads_and_imgsz(tmp_path, timings):
+    def build(**kw) -> LatencyModel:
+        before = timings["n"]
+        lat = LatencyModel(tiny(16), LatencyConfig(**{"threads": 1, "imgsz": 64, "reps": 1,
+                                                       "cache_dir": str(tmp_path), **kw}))
+        lat.calls = timings["n"] - before
+        return lat
+
+    first = build()
+    assert first.measured == 3 and first.calls > 3 and first.path.is_file()
+    again = build()
+    assert again.measured == 0 and again.calls == 0  # read back: nothing timed
+    assert again() == pytest.approx(first())
+    for changed in ({"threads": 2}, {"imgsz": 96}, {"runtime": "torch"}):
+        other = build(**changed)
+        assert other.measured == 3 and other.calls > 3, changed
+        assert other.path != first.path
+    assert len(list(tmp_path.glob("*.json"))) == 4
+
+
+def test_missing_runtime_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(YoloPruneError, match="needs onnx and onnxruntime.*pip install onnx onnxruntime") as e:
+        get_runtime("onnxruntime", 2)
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_without_gpu_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(YoloPruneError, match="runtime 'cuda' needs a CUDA GPU") as e:
+        get_runtime("cuda", 2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"runtime": "tensorrt"}, "runtime must be one of onnxruntime, torch, cuda"),
+    ({"target": "flops"}, "target must be one of macs, latency"),
+    ({"threads": 0}, "threads must be a positive integer"),
+])
+def test_config_rejects_bad_latency_settings(kwargs, words):
+    with pytest.raises(YoloPruneError, match=words):
+        PruneConfig(**kwargs)
+
+
+class Ranked(tp.importance.Importance):
+    """The same scores 1..n for every layer's channels: equal importance, layer for layer."""
+
+    def __call__(self, group, **kwargs):
+        return torch.arange(1.0, len(group[0].idxs) + 1)
+
+
+def test_cost_aware_ranking_removes_high_resolution_channels_first():
+    # conv0 runs at 64x64, conv2 at 16x16 (conv1 has stride 4), conv3 is the output
+    def net() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 4, 1), nn.Conv2d(8, 8, 3, 1, 1),
+                             nn.Conv2d(8, 2, 1))
+
+    widths = {}
+    for aware in (False, True):
+        model = net()
+        importance = CostAware(Ranked(), MacCounter(model, 64), step=1) if aware else Ranked()
+        pruner = tp.pruner.BasePruner(model, torch.rand(1, 3, 64, 64), importance=importance, global_pruning=True,
+                                      pruning_ratio=3 / 24, ignored_layers=[model[3]])
+        pruner.step()
+        widths[aware] = [model[i].out_channels for i in range(3)]
+    assert widths[False] == [7, 7, 7]  # equal importance alone: each layer's least important channel
+    # per unit of cost, the 64x64 layer's three least important channels go before any 16x16 channel: one saves
+    # 3.5x the MACs of a 16x16 layer's channel (3*9*64*64 + 8*9*16*16 against 2*8*9*16*16)
+    assert widths[True] == [5, 8, 8]
