@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from ultralytics.nn.modules.block import AAttn
+from torch.utils.flop_counter import FlopCounterMode
+from ultralytics.nn.modules.block import AAttn, Attention
 
 from yoloprune.cli import main
 from yoloprune.convert import CONVERTERS, check_prunable, convert_model
@@ -31,6 +32,16 @@ def test_area_attention_converts_exactly_for_every_area_and_shape(h, w, area):
         ref, got = block(x), new(x)
     assert ref.abs().max() > 1e-3
     assert (ref - got).abs().max() / ref.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("block", [AAttn(64, num_heads=2, area=4), AAttn(64, num_heads=2, area=1),
+                                   Attention(64, num_heads=2, attn_ratio=0.5)])
+def test_attention_products_macs_match_torch_flop_counter(block):
+    converted = CONVERTERS[type(block)](block).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        converted(torch.rand(1, 64, 8, 6))
+    products = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "bmm" in str(k) or "matmul" in str(k))
+    assert converted.matmul_macs(8 * 6) * 2 == products  # a MAC is two flops
 
 
 class TokenAttention(nn.Module):

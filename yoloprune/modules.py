@@ -92,6 +92,10 @@ class AttentionV2(nn.Module):
         out = (v @ attn.transpose(-2, -1)).view(B, inner, H, W) + self.pe(v.reshape(B, inner, H, W))
         return self.proj(out)
 
+    def matmul_macs(self, positions: int) -> int:
+        """Return the MACs of the two attention products (q^T k, v attn^T) at ``positions`` = H*W pixels."""
+        return self.num_heads * positions * positions * (self.key_dim + self.head_dim)
+
 
 class PSAV2(nn.Module):
     """YOLOv10's PSA with its ``cv1`` split into ``cv1a`` (bypass) and ``cv1b`` (attention branch)."""
