@@ -11,7 +11,7 @@ import torch
 from yoloprune.benchmark import BenchmarkConfig, accuracy
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
-from yoloprune.prune import PruneConfig, prune_model
+from yoloprune.prune import PruneConfig, layers_table, prune_model
 
 OUT = Path("models/pruned.pt")
 
@@ -23,5 +23,8 @@ save_model(model, OUT, report)
 acc = accuracy(OUT, BenchmarkConfig(imgsz=params["imgsz"], data=str(data_yaml(params))), torch.device("cpu"))
 # Tracked metrics hold what only this stage measures (MACs and params: metrics/benchmark.json); the whole report, its
 # timing included, goes to logs/ (a cached output: it follows each experiment without being a `dvc exp show` column).
-write_json({"pruned_map50_95": acc.get("map50_95")}, "metrics/prune.json")
+write_json({"pruned_map50_95": acc.get("map50_95"), "target": report["target"], "speed_up": report["speed_up"],
+            "macs_speed_up": report["macs_speed_up"],
+            "predicted_latency_speed_up": report["predicted_latency_speed_up"]}, "metrics/prune.json")
+Path("metrics/prune_layers.csv").write_text(layers_table(report, "csv"))  # where the channels were cut: dvc plots
 write_json({**report, **{f"pruned_{k}": v for k, v in acc.items()}}, "logs/prune.json")

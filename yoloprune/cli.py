@@ -41,7 +41,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from yoloprune.io import load_model, save_model, write_json
     from yoloprune.prune import PruneConfig, prune_model
 
-    cfg = PruneConfig.from_args(args, exclude=("threads",))  # --threads: the fine-tune's, not the latency target's
+    cfg = PruneConfig.from_args(args, exclude=("threads",),  # --threads: the fine-tune's, not the latency target's
+                                threads=args.latency_threads)
     out = Path(args.output) if args.output else _default_out(args.model, "pruned")
     if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
         check_data_yaml(args.data)  # before minutes of pruning, not after
@@ -49,8 +50,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune_model(model, cfg, progress=not args.quiet).to_dict()
     report.update(source=str(args.model), output=str(out))
     print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
-          f"({report['speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
+          f"({report['macs_speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
           f"params) in {report['seconds']:.1f}s")
+    if report["target"] == "latency":
+        print(f"predicted {report['runtime']} latency: {report['predicted_base_ms']:.2f} -> "
+              f"{report['predicted_pruned_ms']:.2f} ms ({report['predicted_latency_speed_up']:.3f}x)")
     if args.data:
         run_dir = Path(args.project) / out.stem
         pruned = save_model(model, run_dir / "pruned.pt", report)  # fine-tuning reads a checkpoint file
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     from yoloprune.config import DISTILL_METHODS
     from yoloprune.export import FORMATS
     from yoloprune.importance import METHODS
+    from yoloprune.latency import RUNTIMES as latency_runtimes
 
     p = argparse.ArgumentParser(prog="yoloprune", description="Structured pruning for Ultralytics YOLO models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -173,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output .pt (default: <model>-converted.pt)")
     c.set_defaults(func=cmd_convert)
 
-    r = sub.add_parser("prune", help="prune to a target MACs speed-up")
+    r = sub.add_parser("prune", help="prune to a target MACs or latency speed-up")
     r.add_argument("model", nargs="?", help="YOLO .pt checkpoint or model yaml (e.g. yolo11n.yaml)")
     r.add_argument("--model_path", dest="model_path", help=argparse.SUPPRESS)  # the seed tool's name
-    r.add_argument("--speed-up", "--speed_up", type=float, default=2.0, help="target base/pruned MACs (default 2.0)")
+    r.add_argument("--speed-up", "--speed_up", type=float, default=2.0, help="target base/pruned MACs, or latency with --target latency (default 2.0)")
     r.add_argument("--method", "--prune_method", default="lamp", choices=sorted(METHODS),
                    help="channel importance (default lamp)")
     r.add_argument("--global-pruning", "--global_pruning", action=argparse.BooleanOptionalAction, default=True,
@@ -184,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterative-steps", "--iterative_steps", type=int, default=40, help="pruning schedule steps")
     r.add_argument("--round-to", "--round_to", type=int, default=8, help="keep channel counts multiples of N")
     r.add_argument("--max-layer-ratio", type=float, default=0.75, help="most any layer may lose (default 0.75)")
-    r.add_argument("--imgsz", type=int, default=640, help="image size at which MACs are counted")
+    r.add_argument("--imgsz", type=int, default=640, help="image size at which MACs (or latency) are counted")
+    r.add_argument("--target", choices=("macs", "latency"), help="what --speed-up divides (default macs)")
+    r.add_argument("--runtime", choices=sorted(latency_runtimes),
+                   help="--target latency: the runtime timed (default onnxruntime, CPU)")
+    r.add_argument("--latency-threads", type=int, help="--target latency: the runtime's threads (default 2)")
+    r.add_argument("--latency-cache", help="--target latency: folder of the cached latency tables "
+                                           "(default ~/.cache/yoloprune/latency)")
     r.add_argument("-o", "--output", help="output .pt (default: <model>-pruned.pt)")
     r.add_argument("--report", help="write a JSON report here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
