@@ -29,8 +29,9 @@ save_model(model, OUT, report)
 acc = accuracy(OUT, BenchmarkConfig(imgsz=params["imgsz"], data=str(data_yaml(params))), torch.device("cpu"))
 # Tracked metrics hold what only this stage measures (MACs and params: metrics/benchmark.json); the whole report, its
 # timing included, goes to logs/ (a cached output: it follows each experiment without being a `dvc exp show` column).
-write_json({"pruned_map50_95": acc.get("map50_95"), "target": report["target"], "speed_up": report["speed_up"],
-            "macs_speed_up": report["macs_speed_up"],
+# Not here: target (a param), the achieved speed-up in the target's unit (MACs: benchmark.json's macs_speed_up, measured
+# on the final model; latency: the prediction below), MACs (benchmark.json); all of them are in logs/prune.json.
+write_json({"pruned_map50_95": acc.get("map50_95"),
             "predicted_latency_speed_up": report["predicted_latency_speed_up"]}, "metrics/prune.json")
 Path("metrics/prune_layers.csv").write_text(layers_table(report, "csv"))  # where the channels were cut: dvc plots
 write_json({**report, **{f"pruned_{k}": v for k, v in acc.items()}}, "logs/prune.json")
