@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from yoloprune.config import TrainConfig
 from yoloprune.curves import results_text, tail_gain
 from yoloprune.data import check_data_yaml
 from yoloprune.finetune import can_resume, finetune
@@ -24,13 +25,13 @@ if model.endswith(".pt"):
     write_json({"baseline_epochs": 0, "map50_95_tail_gain": None}, "metrics/baseline.json")  # a trained one's columns
     write_text(results_text([]), CURVES)  # no training, no curve: a header only (the stage declares the file)
 else:
-    b = params["baseline"]
-    settings = {"epochs": b["epochs"], "imgsz": params["imgsz"], "batch": b["batch"], **b["args"]}
+    b = TrainConfig.from_params(params)
+    settings = b.settings(params["imgsz"])
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the same initial weights on every run, so an interrupted run is resumed, not redone
         nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml
         init = save_model(load_model(model, nc=nc), Path(tmp) / "init.pt", {"source": model})
-        result = finetune(init, data, workers=b["workers"], threads=b["threads"], out_dir=RUN,
+        result = finetune(init, data, workers=b.workers, threads=b.threads, out_dir=RUN,
                           resume=can_resume(RUN, init, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     # Its mAP is the benchmark stage's to measure (metrics/benchmark.json); here what only the training knows: mean

@@ -16,11 +16,10 @@ from yoloprune.train import TEACHER_SECONDS
 PRUNED, RUN, TEACHER = Path("models/pruned.pt"), Path("runs/finetune"), Path("models/baseline.pt")
 
 params = load_params()
-f, data = params["finetune"], data_yaml(params)
-settings = {"epochs": f["epochs"], "imgsz": params["imgsz"], "batch": f["batch"], **f["args"]}
-distill = FinetuneConfig.from_params(params).distill  # the unpruned baseline teaches, unless method is none
-settings.update(teacher=TEACHER if distill.terms else None, distill=distill)
-result = finetune(PRUNED, data, device=str(f["device"]), workers=f["workers"], threads=f["threads"], out_dir=RUN,
+f, data = FinetuneConfig.from_params(params), data_yaml(params)
+settings = f.settings(params["imgsz"])
+settings.update(teacher=TEACHER if f.distill.terms else None, distill=f.distill)  # the unpruned baseline teaches
+result = finetune(PRUNED, data, device=str(f.device), workers=f.workers, threads=f.threads, out_dir=RUN,
                   resume=can_resume(RUN, PRUNED, data, **settings), **settings)  # a re-run after a kill resumes
 save_model(load_model(result.best), "models/finetuned.pt", {"epochs": result.epochs})
 # The fine-tuned mAP is the benchmark stage's to measure; the epochs completed are this run's (patience may stop it).
