@@ -35,6 +35,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_loss(model, cfg, args: argparse.Namespace):
+    """Return the real-loss function a gradient method (taylor) scores with: on --data's training batches, or None."""
+    from yoloprune.importance import get_method
+
+    if not get_method(cfg.method).needs_gradients:
+        return None
+    if not args.data:
+        LOGGER.warning("--method %s without --data scores channels with gradients of random images, barely better "
+                       "than random; pass --data DATA.yaml to use the model's own loss on real training batches",
+                       cfg.method)
+        return None
+    from yoloprune.calibration import real_loss
+
+    return real_loss(model, args.data, cfg.imgsz, args.calib_batches, seed=cfg.seed)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model to a target speed-up, save it and optionally write a JSON report."""
     from yoloprune.data import check_data_yaml
@@ -47,7 +63,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
         check_data_yaml(args.data)  # before minutes of pruning, not after
     model = load_model(args.model)
-    report = prune_model(model, cfg, progress=not args.quiet).to_dict()
+    report = prune_model(model, cfg, loss_fn=_calibration_loss(model, cfg, args), progress=not args.quiet).to_dict()
     report.update(source=str(args.model), output=str(out))
     print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
           f"({report['macs_speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
@@ -164,6 +180,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every verb."""
     from yoloprune.benchmark import RUNTIMES
+    from yoloprune.calibration import CALIB_BATCHES
     from yoloprune.config import DISTILL_METHODS
     from yoloprune.export import FORMATS
     from yoloprune.importance import METHODS
@@ -183,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model_path", dest="model_path", help=argparse.SUPPRESS)  # the seed tool's name
     r.add_argument("--speed-up", "--speed_up", type=float, default=2.0, help="target base/pruned MACs, or latency with --target latency (default 2.0)")
     r.add_argument("--method", "--prune_method", default="lamp", choices=sorted(METHODS),
-                   help="channel importance (default lamp)")
+                   help="channel importance (default lamp); " + "; ".join(f"{n}: {m.doc}" for n, m in METHODS.items()))
+    r.add_argument("--calib-batches", "--calib_batches", type=int, default=CALIB_BATCHES,
+                   help=f"taylor: real training batches of 8 from --data whose loss gradients score the channels "
+                        f"(default {CALIB_BATCHES})")
     r.add_argument("--global-pruning", "--global_pruning", action=argparse.BooleanOptionalAction, default=True,
                    help="rank channels across layers (default) or prune each layer alike")
     r.add_argument("--iterative-steps", "--iterative_steps", type=int, default=40, help="pruning schedule steps")
@@ -200,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", help="write a JSON report here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.add_argument("--data", help="data.yaml: fine-tune right after pruning (the seed tool's flow); -o is then "
-                                  "the fine-tuned model")
+                                  "the fine-tuned model. taylor also scores channels on its training batches")
     _training_args(r, epochs=10)
     r.set_defaults(func=cmd_prune)
 

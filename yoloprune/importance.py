@@ -2,7 +2,22 @@
 
 Adding a method is one function returning a ``tp.importance.Importance`` and one
 ``@register("name")`` line. ``needs_gradients`` marks methods that read ``.grad``,
-so the pruning loop runs a few backward passes before each step.
+so the pruning loop runs backward passes before each step: of the model's own training
+loss on real batches when data is given (``yoloprune.calibration.real_loss``), else of a
+random-image proxy (``yoloprune prune`` warns; it ranks channels barely better than ``random``).
+
+Which methods beat ``random`` (probe: yolov8n trained 30 epochs on the synthetic data at
+imgsz 160, mAP50-95 0.375, pruned globally, measured right after pruning, no fine-tune):
+
+    method                    1.5x    2x
+    taylor (real loss, 4x8)   0.277   0.180
+    lamp                      0.200   0.028
+    taylor (random proxy)     0.079   0.007
+    random (3 seeds)          0.007   0.000
+    l1, l2, bn_scale          0.000   0.000
+
+``l1``, ``l2`` and ``bn_scale`` compare raw magnitudes across layers of different scales, so
+global ranking strips whole layers first; they do not beat ``random`` with global pruning.
 """
 
 from __future__ import annotations
@@ -39,17 +54,17 @@ def register(name: str, *, needs_gradients: bool = False, doc: str = ""):
     return wrap
 
 
-@register("lamp", doc="layer-adaptive magnitude (LAMP), scale-free across layers; the default")
+@register("lamp", doc="layer-adaptive magnitude (LAMP), scale-free across layers, data-free; beats random")
 def _lamp():
     return tp.importance.LAMPImportance(p=2)
 
 
-@register("l1", doc="L1 norm of the group's weights")
+@register("l1", doc="L1 norm of the group's weights; no better than random with global pruning")
 def _l1():
     return tp.importance.MagnitudeImportance(p=1)
 
 
-@register("l2", doc="L2 norm of the group's weights")
+@register("l2", doc="L2 norm of the group's weights; no better than random with global pruning")
 def _l2():
     return tp.importance.MagnitudeImportance(p=2)
 
@@ -59,12 +74,14 @@ def _random():
     return tp.importance.RandomImportance()
 
 
-@register("taylor", needs_gradients=True, doc="first-order Taylor |w * dL/dw|; runs backward passes on a few batches")
+@register("taylor", needs_gradients=True,
+          doc="first-order Taylor |w * dL/dw| of the model's own loss on real training batches (needs data); best")
 def _taylor():
     return tp.importance.TaylorImportance()
 
 
-@register("bn_scale", doc="|gamma| of the BatchNorm after each conv (network slimming)")
+@register("bn_scale", doc="|gamma| of the BatchNorm after each conv (network slimming); no better than random "
+                         "with global pruning unless sparsity-trained")
 def _bn_scale():
     return tp.importance.BNScaleImportance()
 
