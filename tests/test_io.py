@@ -21,14 +21,18 @@ from yoloprune.prune import PruneConfig, prune_model
 @pytest.fixture(scope="module")
 def pruned_pt(tmp_path_factory):
     model = live_model("yolo11n.yaml")
+    torch.manual_seed(123)
+    expected = torch.rand(3)  # what the caller's global RNG gives next, unless prune_model reseeded it
+    torch.manual_seed(123)
     report = prune_model(model, PruneConfig(speed_up=2.0, imgsz=320), progress=False)
+    rng_kept = torch.equal(torch.rand(3), expected)
     path = tmp_path_factory.mktemp("pruned") / "pruned.pt"
     save_model(model, path, report.to_dict())
-    return path, model
+    return path, model, rng_kept
 
 
 def test_saved_checkpoint_is_fp32_and_carries_the_record(pruned_pt):
-    path, model = pruned_pt
+    path, model, _ = pruned_pt
     ckpt = torch.load(path, weights_only=False)
     assert all(p.dtype == torch.float32 for p in ckpt["model"].parameters())
     assert ckpt["yoloprune"]["speed_up"] == pytest.approx(2.0, rel=0.02)
@@ -37,7 +41,7 @@ def test_saved_checkpoint_is_fp32_and_carries_the_record(pruned_pt):
 
 
 def test_stock_ultralytics_loads_predicts_in_fresh_process(pruned_pt):
-    path, model = pruned_pt
+    path, model, _ = pruned_pt
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     code = textwrap.dedent(f"""
         import sys, numpy as np
@@ -103,8 +107,9 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     assert blocker.read_text() == ""
 
 
-def test_library_calls_leave_the_process_as_it_was(tmp_path):
-    """save_model saves a frozen fp32 copy, atomic writes leave the signal handlers alone, prune_model its seed."""
+def test_library_calls_leave_the_process_as_it_was(tmp_path, pruned_pt):
+    """save_model saves a frozen fp32 copy, atomic writes leave the signal handlers alone, prune_model the RNG."""
+    assert pruned_pt[2]  # prune_model seeds torch with cfg.seed inside, and gives the caller's RNG state back
     model = nn.Sequential(nn.Conv2d(3, 8, 3)).double()
     handler = signal.getsignal(signal.SIGTERM)
     save_model(model, tmp_path / "m.pt")
@@ -112,13 +117,6 @@ def test_library_calls_leave_the_process_as_it_was(tmp_path):
     saved = torch.load(tmp_path / "m.pt", weights_only=False)["model"]
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in saved.parameters())
     assert signal.getsignal(signal.SIGTERM) is handler
-
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    prune_model(load_model("yolov8n.yaml"), PruneConfig(speed_up=1.2, imgsz=64, iterative_steps=4, round_to=1),
-                progress=False)  # seeds torch with cfg.seed inside
-    assert torch.equal(torch.rand(3), expected)
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
