@@ -60,8 +60,9 @@ for name in args.models:
                                   latency_cache=args.cache)
                 # the same table predicts the MACs-targeted model: built on this copy before pruning it in place
                 _, unused = deployed_branch(model, cfg.branch)
+                kept = set(output_layers(model) + attention_internals(model))
                 lat = LatencyModel(model, LatencyConfig(threads=args.threads, imgsz=imgsz, cache_dir=args.cache),
-                                   exclude=set(unused), fixed_out=set(output_layers(model) + attention_internals(model)))
+                                   exclude=set(unused), fixed_out=kept)
                 row = {"model": name, "imgsz": imgsz, "target": target, "asked": asked}
                 t0 = time.perf_counter()
                 try:

@@ -120,3 +120,14 @@ def test_cost_aware_ranking_removes_high_resolution_channels_first():
     # per unit of cost, the 64x64 layer's three least important channels go before any 16x16 channel: one saves
     # 3.5x the MACs of a 16x16 layer's channel (3*9*64*64 + 8*9*16*16 against 2*8*9*16*16)
     assert widths[True] == [5, 8, 8]
+
+
+def test_cli_latency_target_on_cuda_without_gpu_is_one_line(monkeypatch, capsys, tmp_path):
+    from yoloprune.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["prune", "yolov8n.yaml", "--imgsz", "64", "--target", "latency", "--runtime", "cuda",
+                 "--latency-cache", str(tmp_path), "-o", str(tmp_path / "p.pt"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("yoloprune: error: runtime 'cuda' needs a CUDA GPU") and "\n" not in err
+    assert not (tmp_path / "p.pt").exists()

@@ -66,7 +66,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune_model(model, cfg, loss_fn=_calibration_loss(model, cfg, args), progress=not args.quiet).to_dict()
     report.update(source=str(args.model), output=str(out))
     print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
-          f"({report['macs_speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> {report['pruned_params'] / 1e6:.2f}M "
+          f"({report['macs_speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> "
+          f"{report['pruned_params'] / 1e6:.2f}M "
           f"params) in {report['seconds']:.1f}s")
     if report["target"] == "latency":
         print(f"predicted {report['runtime']} latency: {report['predicted_base_ms']:.2f} -> "
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="prune to a target MACs or latency speed-up")
     r.add_argument("model", nargs="?", help="YOLO .pt checkpoint or model yaml (e.g. yolo11n.yaml)")
     r.add_argument("--model_path", dest="model_path", help=argparse.SUPPRESS)  # the seed tool's name
-    r.add_argument("--speed-up", "--speed_up", type=float, default=2.0, help="target base/pruned MACs, or latency with --target latency (default 2.0)")
+    r.add_argument("--speed-up", "--speed_up", type=float, default=2.0,
+                   help="target base/pruned MACs, or latency with --target latency (default 2.0)")
     r.add_argument("--method", "--prune_method", default="lamp", choices=sorted(METHODS),
                    help="channel importance (default lamp); " + "; ".join(f"{n}: {m.doc}" for n, m in METHODS.items()))
     r.add_argument("--calib-batches", "--calib_batches", type=int, default=CALIB_BATCHES,

@@ -380,7 +380,7 @@ class CostAware(tp.importance.Importance):
         self.inner, self.cost, self.step = inner, cost, step
 
     def __call__(self, group, **kwargs):
-        """Return the inner importance of ``group`` divided by its channels' predicted saving (None where it is None)."""
+        """Return the inner importance of ``group`` over its channels' predicted saving (None where it is None)."""
         imp = self.inner(group, **kwargs)
         if imp is None:
             return None
