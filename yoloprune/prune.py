@@ -30,7 +30,7 @@ from yoloprune.config import Config
 from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
-from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel
+from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel, get_runtime
 from yoloprune.macs import MacCounter, count_params, deployed_branch
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.runtime import flat_tensors, versions
@@ -206,6 +206,8 @@ def prune_model(
     """
     t0 = time.perf_counter()
     method = get_method(cfg.method)
+    if cfg.target == "latency":
+        get_runtime(cfg.runtime, cfg.threads)  # a missing runtime or GPU fails now, not after converting the model
     torch.manual_seed(cfg.seed)
     prepare(model)
     frozen_dfl = [m for m in model.modules() if type(m).__name__ == "DFL"]
