@@ -90,6 +90,6 @@ def test_real_loss_accumulates_over_batches_and_leaves_the_model_as_it_was(data,
 
 
 def test_calibration_rejects_data_of_another_class_count(data):
-    model = prepare(load_model("yolov8n.yaml", nc=3))
+    model = load_model("yolov8n.yaml", nc=3)
     with pytest.raises(YoloPruneError, match="has 6 classes but the model predicts 3"):
         calibration_batches(model, data, IMGSZ, n_batches=1, batch=2)
