@@ -18,6 +18,8 @@ imgsz 160, mAP50-95 0.375, pruned globally, measured right after pruning, no fin
 
 ``l1``, ``l2`` and ``bn_scale`` compare raw magnitudes across layers of different scales, so
 global ranking strips whole layers first; they do not beat ``random`` with global pruning.
+After 5 fine-tune epochs taylor keeps its lead at 3x (0.313 and 0.314 vs lamp's 0.237 and
+0.219, from two starting points of 0.379 and 0.375) and ties at 2x (0.366 vs 0.374).
 """
 
 from __future__ import annotations
