@@ -31,7 +31,7 @@ else:
         torch.manual_seed(0)  # the same initial weights on every run, so an interrupted run is resumed, not redone
         nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml
         init = save_model(load_model(model, nc=nc), Path(tmp) / "init.pt", {"source": model})
-        result = finetune(init, data, workers=b.workers, threads=b.threads, out_dir=RUN,
+        result = finetune(init, data, workers=b.workers, threads=b.threads, out_dir=RUN, from_scratch=True,
                           resume=can_resume(RUN, init, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"source": model, "epochs": result.epochs})
     # Its mAP is the benchmark stage's to measure (metrics/benchmark.json); here what only the training knows: mean

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from yoloprune.benchmark import BenchmarkConfig, accuracy
-from yoloprune.calibration import CALIB_BATCHES, real_loss
+from yoloprune.calibration import real_loss
 from yoloprune.importance import get_method
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
@@ -21,8 +21,7 @@ params = load_params()
 cfg = PruneConfig.from_params(params)
 model = load_model("models/sparse.pt")  # the converted model, after sparsity training when sparsity.epochs > 0
 # gradient methods (taylor) read the model's own loss on real training batches, never a random-image proxy
-calib = getattr(cfg, "calib_batches", CALIB_BATCHES)
-loss_fn = real_loss(model, data_yaml(params), cfg.imgsz, calib, seed=cfg.seed) \
+loss_fn = real_loss(model, data_yaml(params), cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
     if get_method(cfg.method).needs_gradients else None
 report = prune_model(model, cfg, loss_fn=loss_fn).to_dict()
 save_model(model, OUT, report)

@@ -93,6 +93,7 @@ def finetune(
     regularizer: Callable[[nn.Module], None] | None = None,
     teacher: str | Path | None = None,
     distill: DistillConfig | dict[str, Any] | None = None,
+    from_scratch: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the pruned checkpoint ``model`` on ``data``; return where best.pt (fp32) and last.pt are.
@@ -162,6 +163,7 @@ def finetune(
         trainer = TRAINERS[task](overrides=args, _callbacks=events)
         trainer.cpu_threads = threads
         trainer.regularizer = regularizer
+        trainer.from_scratch = from_scratch
         trainer.teacher, trainer.distill = teacher, distill
         if not resume and RANK in {-1, 0}:
             settings = {"epochs": epochs, "imgsz": imgsz, "batch": batch, **overrides, **_run_settings(teacher, distill)}
