@@ -212,13 +212,13 @@ def test_case06_bad_or_unreachable_speed_up(pruned_pt, tmp_path, capsys):
                      "speed_up 50 is not reachable with max_layer_ratio=0.2", "lower the target or raise max_layer_ratio")
     best = float(re.search(r"the best reachable is (\d+\.\d+)x", line).group(1))
     assert 1 < best < 50
-    # On this narrow model one group of 8 channels is more than 2% of the MACs: a coarse schedule jumps past
-    # 1.3x. That is not "unreachable" (a larger speed-up was reached), so the message says how to step finer.
-    line = cli_error(capsys, ["prune", pruned_pt, "--speed-up", "1.3", "--imgsz", IMGSZ, "--iterative-steps", "8",
-                              "-q", "-o", out],
-                     "speed_up 1.3 overshot", "raise iterative_steps or lower round_to")
-    assert float(re.search(r"jumped to (\d+\.\d+)x", line).group(1)) > 1.3 * 1.02
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+    # On this narrow model one group of 8 channels is more than 2% of the MACs and a coarse schedule jumps past
+    # 1.3x: the crossing group is pruned only in part, so the target is met, not refused.
+    report = tmp_path / "r.json"
+    assert main([str(a) for a in ("prune", pruned_pt, "--speed-up", "1.3", "--imgsz", IMGSZ, "--iterative-steps",
+                                  "8", "-q", "-o", out, "--report", report)]) == 0
+    assert abs(json.loads(report.read_text())["speed_up"] / 1.3 - 1) <= 0.02 and out.is_file()
 
 
 # 7. Unknown method, iterative_steps <= 0, round_to <= 0. Through the CLI: tests/test_cli.py
