@@ -14,6 +14,7 @@ from yoloprune.cli import main
 from yoloprune.convert import CONVERTERS, check_prunable, convert_model
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model
+from yoloprune.macs import MacCounter
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.prune import PruneConfig, calibrate_bn, prepare, prune_model
 
@@ -132,3 +133,13 @@ def test_new_families_prune_to_target_and_keep_attention_whole(name, speed_up):
     with torch.no_grad():
         out = model.eval()(torch.rand(1, 3, 160, 160))
     assert torch.isfinite(out[0] if isinstance(out, (list, tuple)) else out).all()
+
+
+def test_mac_counter_counts_area_attention_like_torch():
+    """MacCounter's count of a converted yolo12n (convs + area-attention products) equals torch's FLOP counter / 2."""
+    model = load_model("yolo12n.yaml")
+    prepare(model)
+    model.eval()
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(torch.zeros(1, 3, 160, 160))
+    assert MacCounter(model, 160)() == flops.get_total_flops() // 2

@@ -7,7 +7,7 @@ recount costs microseconds, so the pruning loop can check its target after every
 pruned group instead of re-running the network.
 
 Counted: convolutions, transposed convolutions, linear layers and the two attention
-matrix products of ``AttentionV2``; not counted: element-wise ops, BN (folded at
+matrix products of ``AttentionV2`` and ``AAttnV2`` (YOLO12's area attention); not counted: element-wise ops, BN (folded at
 export), pooling and upsampling, as in thop/Ultralytics' GFLOPs.
 """
 
@@ -17,15 +17,17 @@ import torch
 from torch import nn
 from ultralytics.nn.modules import Detect
 
-from yoloprune.modules import AttentionV2
+from yoloprune.modules import AAttnV2, AttentionV2
+
+ATTENTION = (AttentionV2, AAttnV2)  # blocks whose attention products are counted (their widths are kept whole)
 
 __all__ = ["MacCounter", "count_params", "deployed_branch", "module_macs", "pruned_macs"]
 
 
 def module_macs(m: nn.Module, size: int) -> int:
     """Return MACs of one layer given its recorded spatial size (output positions, or rows for Linear)."""
-    if isinstance(m, AttentionV2):  # q^T k and v attn^T, each per head over N x N positions
-        return m.num_heads * size * size * (m.key_dim + m.head_dim)
+    if isinstance(m, ATTENTION):  # q^T k and v attn^T, each per head over N x N positions (per area for AAttnV2)
+        return m.matmul_macs(size)
     return m.weight.numel() * size  # conv: out*in/g*kh*kw per output position; transposed: per input position
 
 
@@ -46,7 +48,7 @@ def pruned_macs(m: nn.Module, size: int, din: int, dout: int) -> int:
 class MacCounter:
     """Count MACs of ``model`` at ``imgsz`` x ``imgsz``, optionally leaving some modules out."""
 
-    TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, AttentionV2)
+    TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, *ATTENTION)
 
     def __init__(self, model: nn.Module, imgsz: int, exclude: set[nn.Module] | None = None) -> None:
         exclude_ids = {id(m) for e in (exclude or ()) for m in e.modules()}
@@ -83,7 +85,7 @@ class MacCounter:
     def delta(self, changes: dict[nn.Module, tuple[int, int]]) -> int:
         """Return the change in MACs if the layers in ``changes`` lost (input, output) channels; nothing is pruned."""
         return sum(pruned_macs(m, self.sizes[m], din, dout) - module_macs(m, self.sizes[m])
-                   for m, (din, dout) in changes.items() if m in self.sizes and not isinstance(m, AttentionV2))
+                   for m, (din, dout) in changes.items() if m in self.sizes and not isinstance(m, ATTENTION))
 
 
 def count_params(model: nn.Module) -> int:
