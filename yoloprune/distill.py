@@ -37,7 +37,7 @@ from torch import nn
 
 from yoloprune.config import DistillConfig
 from yoloprune.errors import YoloPruneError
-from yoloprune.prune import deployed_branch, head_of
+from yoloprune.heads import deployed_branch, head_of
 
 LOGGER = logging.getLogger("yoloprune")
 

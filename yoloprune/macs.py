@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from ultralytics.nn.modules import Detect
 
+from yoloprune.heads import deployed_branch  # noqa: F401  (re-exported: callers count the deployed branch)
 from yoloprune.modules import AAttnV2, AttentionV2
 
 ATTENTION = (AttentionV2, AAttnV2)  # blocks whose attention products are counted (their widths are kept whole)
@@ -91,14 +91,3 @@ class MacCounter:
 def count_params(model: nn.Module) -> int:
     """Return the number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
-
-
-def deployed_branch(model: nn.Module, branch: str = "auto") -> tuple[str, list[nn.Module]]:
-    """Return the name of the head branch inference runs and the modules of the branch it skips (not counted)."""
-    head = model.model[-1]
-    if not isinstance(head, Detect) or getattr(head, "one2one_cv2", None) is None:
-        return "single", []
-    if branch == "auto":
-        branch = "one2one" if head.end2end else "one2many"
-    unused = head.one2many if branch == "one2one" else head.one2one
-    return branch, [m for m in unused.values() if m is not None]

@@ -31,7 +31,8 @@ from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.importance import TieBreak, get_method
 from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel, get_runtime
-from yoloprune.macs import MacCounter, count_params, deployed_branch
+from yoloprune.heads import deployed_branch, head_of
+from yoloprune.macs import MacCounter, count_params
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.runtime import flat_tensors, versions
 
@@ -136,11 +137,6 @@ def layers_table(report: dict | PruneReport, fmt: str = "markdown") -> str:
         raise YoloPruneError(f"unknown table format {fmt!r}: choose markdown or csv")
     lines = ["| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"
-
-
-def head_of(model: nn.Module) -> nn.Module:
-    """Return the model's head (its last layer)."""
-    return model.model[-1]
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
