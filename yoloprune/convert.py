@@ -152,9 +152,9 @@ class _SplitSpy(TorchFunctionMode):
     SPLITS = frozenset({torch.split, torch.chunk, torch.tensor_split, torch.Tensor.split, torch.Tensor.chunk,
               torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind})
 
-    def __init__(self, stack: list[str]) -> None:
+    def __init__(self, stack: list[nn.Module]) -> None:
         super().__init__()
-        self.stack = stack
+        self.stack = stack  # the modules whose forward is running, innermost last
         self.found: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -162,17 +162,16 @@ class _SplitSpy(TorchFunctionMode):
         if func in self.SPLITS and args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
             if dim in (1, -3) and self.stack:
-                self.found.add(self.stack[-1])
+                self.found.add(type(self.stack[-1]).__name__)
         return func(*args, **kwargs)
 
 
 @contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[str]]:
-    stack: list[str] = []
+def _module_objects(model: nn.Module) -> Iterator[list[nn.Module]]:
+    stack: list[nn.Module] = []
     handles = []
     for m in model.modules():
-        name = type(m).__name__
-        handles.append(m.register_forward_pre_hook(lambda *_, n=name: stack.append(n)))
+        handles.append(m.register_forward_pre_hook(lambda mod, _args: stack.append(mod)))
         handles.append(m.register_forward_hook(lambda *_: stack.pop() and None))
     try:
         yield stack
@@ -186,7 +185,7 @@ def find_channel_splits(model: nn.Module, imgsz: int = 64) -> set[str]:
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 3, imgsz, imgsz, dtype=next(model.parameters()).dtype)
-    with torch.no_grad(), _module_stack(model) as stack, _SplitSpy(stack) as spy:
+    with torch.no_grad(), _module_objects(model) as stack, _SplitSpy(stack) as spy:
         model(x)
     model.train(was_training)
     return spy.found
@@ -225,20 +224,6 @@ def _splits_channels(x: object, out: object) -> bool:
     """Return whether a reshape of a feature map (B, C, H, W) moves its channel axis (heads, groups, shuffles)."""
     return (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.ndim == 4 and out.ndim >= 2
             and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1])
-
-
-@contextmanager
-def _module_objects(model: nn.Module) -> Iterator[list[nn.Module]]:
-    stack: list[nn.Module] = []
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(lambda mod, _args: stack.append(mod)))
-        handles.append(m.register_forward_hook(lambda *_: stack.pop() and None))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def check_prunable(model: nn.Module, imgsz: int = 64) -> None:

@@ -43,6 +43,8 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloprune.errors import YoloPruneError, check_imgsz
+from yoloprune.runtime import time_calls
+from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
 
@@ -173,17 +175,9 @@ def get_runtime(name: str, threads: int) -> Runtime:
     return RUNTIMES[name](threads)
 
 
-def _best(run: Callable[[], object], reps: int, sync: Callable[[], None] = lambda: None) -> float:
-    run()  # warm-up: first runs allocate and pick kernels
-    run()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1000
+def _best(run: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Return the fastest of ``reps`` timed calls of ``run`` in ms, after two warm-up calls (kernel choice, allocation)."""
+    return min(time_calls(run, 2, reps, device))
 
 
 @register("onnxruntime")
@@ -257,9 +251,6 @@ class TorchRuntime(Runtime):
 
     device = torch.device("cpu")
 
-    def sync(self) -> None:
-        pass
-
     def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
         groups = cin if spec.depthwise else spec.groups
         conv = nn.Conv2d(cin, cout, spec.kernel, spec.stride, spec.padding, spec.dilation, groups)
@@ -271,8 +262,8 @@ class TorchRuntime(Runtime):
 
     def _time(self, layer: nn.Module, x: torch.Tensor, reps: int) -> float:
         layer, x = layer.to(self.device).eval(), x.to(self.device)
-        with torch_threads(self.threads), torch.inference_mode():
-            return _best(lambda: layer(x), reps, self.sync)
+        with torch_threads_kept(self.threads), torch.inference_mode():
+            return _best(lambda: layer(x), reps, self.device)
 
 
 @register("cuda")
@@ -286,22 +277,8 @@ class CudaRuntime(TorchRuntime):
                                  "onnxruntime (CPU) or torch, or run on a machine with a GPU")
         self.device = torch.device("cuda", 0)
 
-    def sync(self) -> None:
-        torch.cuda.synchronize(self.device)
-
     def identity(self) -> dict:
         return {**super().identity(), "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for a block, then restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cpu_model() -> str:

@@ -12,18 +12,20 @@ from yoloprune.errors import YoloPruneError
 
 
 @contextmanager
-def torch_threads_kept() -> Iterator[None]:
-    """Restore torch's CPU thread count on exit.
+def torch_threads_kept(threads: int | None = None) -> Iterator[None]:
+    """Run a block on ``threads`` torch CPU threads (None: as it is), then restore the count the process had.
 
     Ultralytics' ``select_device("cpu")`` (run by its exporter, validator, predictor and
     trainer) sets it to ``os.cpu_count() - 1`` for the whole process: 1 on a 2-core
     machine, halving the speed of everything that follows.
     """
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def cpu_threads(threads: int | None = None) -> int:
