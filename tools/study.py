@@ -444,7 +444,8 @@ def write_report(df: pd.DataFrame, out_dir: str | Path = OUT_DIR, missing_runs: 
     if write_csv:
         df.to_csv(out_dir / "study" / "experiments.csv", index=False, float_format="%.6g")
     md = out_dir / "results.md"
-    md.write_text(render(df, missing_runs))
+    probes = out_dir / "study" / "probes.md"  # hand-run probes of new methods, kept until the sweep measures them
+    md.write_text(render(df, missing_runs) + ("\n" + probes.read_text() if probes.is_file() else ""))
     return md, plot(df, out_dir / "results.png")
 
 

@@ -170,6 +170,9 @@ def test_report_redrawn_from_the_committed_table(tmp_path):
     again = pd.read_csv(tmp_path / "study" / "experiments.csv", keep_default_na=False, na_values=[""])
     pd.testing.assert_frame_equal(again, study.read_table(committed), check_exact=False, rtol=1e-5)
     assert study.main(["report", "--csv", str(tmp_path / "nosuch.csv")]) == 2
+    (tmp_path / "study" / "probes.md").write_text("## Probes\n\n| a probe row |\n")  # hand-run probes follow
+    assert study.main(["--out", str(tmp_path), "report", "--csv", str(committed)]) == 0
+    assert (tmp_path / "results.md").read_text().endswith("\n## Probes\n\n| a probe row |\n")
 
 
 def test_plan_prints_every_queue_command(capsys):
