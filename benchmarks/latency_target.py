@@ -24,12 +24,12 @@ import time
 import torch
 
 import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
-from yoloprune.runtime import machine_info, versions
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model, write_json
 from yoloprune.latency import LatencyConfig, LatencyModel, measure_speed_up
 from yoloprune.macs import deployed_branch
 from yoloprune.prune import PruneConfig, attention_internals, calibrate_bn, output_layers, prepare, prune_model
+from yoloprune.runtime import machine_info, versions
 
 MEASURED_MIN = {2.0: 1.95, 3.0: 2.85}  # issue 21's bars; other asks: 97.5 % of the ask
 PREDICTION_ERROR_MAX = 0.10

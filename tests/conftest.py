@@ -13,8 +13,8 @@ from yoloprune.offline import configure_offline
 
 configure_offline()  # as the entry points do, before anything imports Ultralytics (it reads the switches once)
 
-from yoloprune.io import load_model  # noqa: E402
-from yoloprune.prune import calibrate_bn  # noqa: E402
+from yoloprune.io import load_model
+from yoloprune.prune import calibrate_bn
 
 
 @functools.cache

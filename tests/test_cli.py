@@ -188,4 +188,4 @@ def test_benchmark_verb_compares_base_and_pruned(pruned_pair, six_class, tmp_pat
         assert cmp["latency_speed_up"] > 0 and "map50_95" in cmp["metrics"]
     assert result["base"]["torch"]["map50_95"] == result["base"]["onnx"]["map50_95"]  # measured once
     out = capsys.readouterr().out
-    assert re.search(r"^\| GMACs +\|", out, re.M) and "x faster" in out  # the markdown table, columns padded
+    assert re.search(r"^\| GMACs +\|", out, re.MULTILINE) and "x faster" in out  # the markdown table, columns padded

@@ -16,8 +16,8 @@ from yoloprune.convert import convert_model
 from yoloprune.errors import YoloPruneError
 from yoloprune.importance import METHODS
 from yoloprune.io import load_model, save_model
-from yoloprune.modules import AttentionV2
 from yoloprune.macs import MacCounter
+from yoloprune.modules import AttentionV2
 from yoloprune.prune import (
     PruneConfig,
     attention_internals,

@@ -11,8 +11,15 @@ from torch import nn
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model
 from yoloprune.prune import prepare
-from yoloprune.sparsity import (BNL1Regularizer, GroupNormRegularizer, SparsityConfig, _Slice, build_regularizer,
-                                channel_norms, ignored_layers)
+from yoloprune.sparsity import (
+    BNL1Regularizer,
+    GroupNormRegularizer,
+    SparsityConfig,
+    _Slice,
+    build_regularizer,
+    channel_norms,
+    ignored_layers,
+)
 
 IMGSZ = 64
 REG = 0.05

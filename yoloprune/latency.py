@@ -33,7 +33,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,7 +175,10 @@ def get_runtime(name: str, threads: int) -> Runtime:
     return RUNTIMES[name](threads)
 
 
-def _best(run: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
+CPU = torch.device("cpu")
+
+
+def _best(run: Callable[[], object], reps: int, device: torch.device = CPU) -> float:
     """Return the fastest of ``reps`` timed calls of ``run`` in ms, after two warm-up calls (kernel choice, allocation)."""
     return min(time_calls(run, 2, reps, device))
 
@@ -331,7 +334,7 @@ def conv_specs(model: nn.Module, imgsz: int, exclude: set[nn.Module] | None = No
     exclude_ids = {id(m) for e in (exclude or ()) for m in e.modules()}
     fixed_ids = {id(m) for e in (fixed_out or ()) for m in e.modules()}
     act = {id(m.conv): not isinstance(m.act, nn.Identity) for m in model.modules()
-           if hasattr(m, "conv") and isinstance(getattr(m, "conv"), nn.Conv2d) and hasattr(m, "act")}
+           if hasattr(m, "conv") and isinstance(m.conv, nn.Conv2d) and hasattr(m, "act")}
     specs: dict[nn.Conv2d, ConvSpec] = {}
     image: list[torch.Tensor] = []
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from yoloprune.heads import deployed_branch  # noqa: F401  (re-exported: callers count the deployed branch)
+from yoloprune.heads import deployed_branch
 from yoloprune.modules import AAttnV2, AttentionV2
 
 ATTENTION = (AttentionV2, AAttnV2)  # blocks whose attention products are counted (their widths are kept whole)

@@ -29,9 +29,9 @@ from ultralytics.nn.modules.block import Proto
 from yoloprune.config import Config
 from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
+from yoloprune.heads import deployed_branch, head_of
 from yoloprune.importance import TieBreak, get_method
 from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel, get_runtime
-from yoloprune.heads import deployed_branch, head_of
 from yoloprune.macs import MacCounter, count_params
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.runtime import flat_tensors, versions
