@@ -131,3 +131,11 @@ def test_cli_latency_target_on_cuda_without_gpu_is_one_line(monkeypatch, capsys,
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("yoloprune: error: runtime 'cuda' needs a CUDA GPU") and "\n" not in err
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_cost_power_is_checked_and_reaches_the_ranking():
+    from yoloprune.prune import CostAware, PruneConfig
+
+    with pytest.raises(YoloPruneError, match=r"cost_power must be in \[0, 1\]"):
+        PruneConfig(cost_power=1.5)
+    assert CostAware(None, None, 8, 0.5).power == 0.5 and PruneConfig(cost_power=0).cost_power == 0

@@ -63,6 +63,7 @@ class PruneConfig(Config):
     runtime: str = "onnxruntime"  # target: latency: onnxruntime (CPU) | torch (CPU) | cuda
     threads: int = 2  # target: latency: the runtime's threads, as deployed
     latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
+    cost_power: float = 1.0  # target latency: rank by importance / time saved ** this (0: importance alone)
     calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels
 
     def __post_init__(self) -> None:
@@ -80,6 +81,9 @@ class PruneConfig(Config):
                 f"that would lose too many channels at once), got {self.iterative_steps!r}; the default is 40")
         if not isinstance(self.round_to, int) or self.round_to <= 0:
             bad(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
+        if not isinstance(self.cost_power, (int, float)) or not 0 <= self.cost_power <= 1:
+            bad(f"cost_power must be in [0, 1] (1: importance per ms saved, 0: importance alone), "
+                f"got {self.cost_power!r}")
         if not 0 < self.max_layer_ratio < 1:
             bad(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio!r}")
         check_imgsz(self.imgsz)
@@ -225,7 +229,7 @@ def prune_model(
     floor = base_cost / (cfg.speed_up * (1 + cfg.tolerance))  # the cost at the largest accepted speed-up
     importance = method.build()
     if latency is not None:
-        importance = CostAware(importance, latency, cfg.round_to)
+        importance = CostAware(importance, latency, cfg.round_to, cfg.cost_power)
     pruner = tp.pruner.BasePruner(
         model,
         example,
@@ -384,8 +388,8 @@ class CostAware(tp.importance.Importance):
     reweights whole layers.
     """
 
-    def __init__(self, inner: tp.importance.Importance, cost: Cost, step: int = 8) -> None:
-        self.inner, self.cost, self.step = inner, cost, step
+    def __init__(self, inner: tp.importance.Importance, cost: Cost, step: int = 8, power: float = 1.0) -> None:
+        self.inner, self.cost, self.step, self.power = inner, cost, step, power
 
     def __call__(self, group, **kwargs):
         """Return the inner importance of ``group`` over its channels' predicted saving (None where it is None)."""
@@ -396,7 +400,7 @@ class CostAware(tp.importance.Importance):
         d = max(1, min(self.step, n - 1))
         changes = {m: (round(din * d / n), round(dout * d / n)) for m, (din, dout) in width_changes(group).items()}
         saved = -self.cost.delta(changes) / d
-        return imp / max(saved, 1e-9)
+        return imp / max(saved, 1e-9) ** self.power
 
 
 def kept_layers(model: nn.Module, base_widths: dict[nn.Module, int], sizes: dict[nn.Module, int]) -> list[dict]:
