@@ -134,8 +134,6 @@ def test_cli_latency_target_on_cuda_without_gpu_is_one_line(monkeypatch, capsys,
 
 
 def test_cost_power_is_checked_and_reaches_the_ranking():
-    from yoloprune.prune import CostAware, PruneConfig
-
     with pytest.raises(YoloPruneError, match=r"cost_power must be in \[0, 1\]"):
         PruneConfig(cost_power=1.5)
     assert CostAware(None, None, 8, 0.5).power == 0.5 and PruneConfig(cost_power=0).cost_power == 0

@@ -63,7 +63,7 @@ class PruneConfig(Config):
     runtime: str = "onnxruntime"  # target: latency: onnxruntime (CPU) | torch (CPU) | cuda
     threads: int = 2  # target: latency: the runtime's threads, as deployed
     latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
-    cost_power: float = 1.0  # target latency: rank by importance / time saved ** this (0: importance alone)
+    cost_power: float = 0.0  # target latency: rank by importance / time saved ** this (0: importance alone)
     calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels
 
     def __post_init__(self) -> None:
