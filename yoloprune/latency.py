@@ -22,7 +22,6 @@ count, the image size and every layer's shape, so a second build measures nothin
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import io
@@ -30,7 +29,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -139,7 +137,9 @@ class Runtime:
 
     def identity(self) -> dict:
         """Return what a timing depends on besides the network: the machine and the libraries."""
-        return {"runtime": self.name, "cpu": cpu_model(), "torch": torch.__version__, "threads": self.threads}
+        from ultralytics.utils.torch_utils import get_cpu_info  # the CPU name runtime.machine_info reports too
+
+        return {"runtime": self.name, "cpu": get_cpu_info(), "torch": torch.__version__, "threads": self.threads}
 
     def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
         """Return the time in ms of ``spec`` at ``cin`` -> ``cout`` channels (minimum over ``reps`` runs)."""
@@ -282,15 +282,6 @@ class CudaRuntime(TorchRuntime):
 
     def identity(self) -> dict:
         return {**super().identity(), "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
-
-
-def cpu_model() -> str:
-    """Return the CPU's model name (what a timing depends on), or the platform's machine type."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def conv_onnx(spec: ConvSpec, cin: int, cout: int) -> bytes:
