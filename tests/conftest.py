@@ -15,6 +15,7 @@ configure_offline()  # as the entry points do, before anything imports Ultralyti
 
 from yoloprune.io import load_model
 from yoloprune.prune import calibrate_bn
+from yoloprune.runtime import flat_tensors
 
 
 @functools.cache
@@ -36,13 +37,7 @@ def live_model(name: str) -> nn.Module:
 
 def tensors(obj) -> list[torch.Tensor]:
     """Return every tensor in a nested output (dicts, lists, tuples), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in tensors(v)]
-    return []
+    return flat_tensors(obj)
 
 
 @pytest.fixture
