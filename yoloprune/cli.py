@@ -14,7 +14,6 @@ from pathlib import Path
 from yoloprune.errors import YoloPruneError, run_main
 from yoloprune.offline import configure_offline
 
-LOGGER = logging.getLogger("yoloprune")
 
 
 def _default_out(model: str, suffix: str) -> Path:
@@ -42,10 +41,7 @@ def _calibration_loss(model, cfg, args: argparse.Namespace):
     if not get_method(cfg.method).needs_gradients:
         return None
     if not args.data:
-        LOGGER.warning("--method %s without --data scores channels with gradients of random images, barely better "
-                       "than random; pass --data DATA.yaml to use the model's own loss on real training batches",
-                       cfg.method)
-        return None
+        return None  # prune_model warns that it falls back to random images
     from yoloprune.calibration import real_loss
 
     return real_loss(model, args.data, cfg.imgsz, args.calib_batches, seed=cfg.seed)

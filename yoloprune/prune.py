@@ -243,6 +243,9 @@ def prune_model(
         forward_fn=trace_forward,
     )
     if method.needs_gradients and loss_fn is None:
+        LOGGER.warning("method %s without a loss function scores channels with gradients of random images, barely "
+                       "better than random; pass loss_fn=yoloprune.calibration.real_loss(...) (CLI: --data DATA.yaml) "
+                       "to use the model's own loss on real training batches", cfg.method)
         loss_fn = _proxy_loss(cfg.seed)
 
     now, steps, reached = base_cost, 0, False
