@@ -15,7 +15,6 @@ from yoloprune.errors import YoloPruneError, run_main
 from yoloprune.offline import configure_offline
 
 
-
 def _default_out(model: str, suffix: str) -> Path:
     return Path(Path(model).stem + f"-{suffix}.pt")
 
