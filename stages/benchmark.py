@@ -13,12 +13,17 @@ from yoloprune.params import data_yaml, load_params
 params = load_params()
 cfg = BenchmarkConfig.from_params(params, runtime="onnx", data=str(data_yaml(params)))
 base, tuned = benchmark("models/baseline.pt", cfg), benchmark("models/finetuned.pt", cfg)
+control = benchmark("models/control.pt", cfg)  # the baseline fine-tuned alike, unpruned (stage control)
 cmp = compare(base, tuned)
 print(format_table(cmp))
+vs_control = compare(control, tuned).get("map50_95_retention_pct")
 flat = {  # each figure once across metrics/ (the pruned mAP: prune.json, ONNX parity: export.json)
     "baseline_map50_95": base.get("map50_95"),
     "finetuned_map50_95": tuned.get("map50_95"),
     "retention_pct": cmp.get("map50_95_retention_pct"),
+    # against the baseline trained as long as the pruned model in all (baseline + fine-tune): what pruning cost
+    "control_map50_95": control.get("map50_95"),
+    "retention_vs_control_pct": vs_control,
     "baseline_params": base["params"], "finetuned_params": tuned["params"],
     "baseline_macs": base["macs"], "finetuned_macs": tuned["macs"],
     "macs_speed_up": cmp.get("macs_speed_up"),
@@ -26,7 +31,7 @@ flat = {  # each figure once across metrics/ (the pruned mAP: prune.json, ONNX p
     "latency_speed_up": cmp.get("latency_speed_up"),
 }
 write_json(flat, "metrics/benchmark.json")
-write_json({"base": base, "pruned": tuned, "compare": cmp}, "metrics/benchmark_full.json")
+write_json({"base": base, "pruned": tuned, "control": control, "compare": cmp}, "metrics/benchmark_full.json")
 points = tradeoff_points(base, tuned, cmp.get("macs_speed_up"), params["method"])
 with atomic_path("metrics/tradeoff.json") as tmp:  # a list (write_json takes a dict), for the scatter plot
     tmp.write_text(json.dumps(points, indent=2) + "\n")

@@ -40,7 +40,7 @@ def timings(monkeypatch):
     """Count every timing call the runtimes make (layer tables and whole networks)."""
     calls = {"n": 0}
     for cls in (OnnxRuntime, TorchRuntime):
-        for name in ("time_conv", "time_model"):
+        for name in ("time_conv", "profile_model"):
             real = getattr(cls, name)
 
             def counted(self, *args, _real=real, **kwargs):
@@ -137,3 +137,69 @@ def test_cost_power_is_checked_and_reaches_the_ranking():
     with pytest.raises(YoloPruneError, match=r"cost_power must be in \[0, 1\]"):
         PruneConfig(cost_power=1.5)
     assert CostAware(None, None, 8, 0.5).power == 0.5 and PruneConfig(cost_power=0).cost_power == 0
+
+
+def test_widths_round_up_to_the_runtimes_block():
+    # measured on AVX-512 with ONNX Runtime: a conv to 56 channels costs what one to 64 does (kernels pack 16)
+    from yoloprune.latency import ConvSpec, LayerTable
+
+    spec = ConvSpec(64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 80, 80, True, False, False)
+    grid = [16, 32, 48, 64]
+    ms = [[ci * co / 1000 for co in grid] for ci in grid]
+    for block, same, cheaper in ((16, 56, 48), (8, 64, 56)):
+        table = LayerTable(spec, grid, grid, ms, odd_in=1.5, odd_out=1.5, block=block)
+        assert table(64, same) == pytest.approx(table(64, 64))
+        assert table(64, cheaper) < table(64, 64)
+    table = LayerTable(spec, grid, grid, ms, odd_in=1.5, odd_out=1.5, block=16)
+    assert table(64, 63) == pytest.approx(1.5 * table(64, 64))  # not a multiple of 4: the slow, unpacked path
+
+
+def test_network_profile_names_every_conv_and_scales_the_tables(tmp_path):
+    model = tiny(64)
+    profile = OnnxRuntime(threads=1).profile_model(model, 128, reps=3)
+    assert set(profile.conv_ms) == {"0", "2", "4"} and all(t > 0 for t in profile.conv_ms.values())
+    assert profile.wall_ms > 0 and profile.moving_ms > 0  # the SiLUs
+    lat = LatencyModel(model, LatencyConfig(threads=1, imgsz=128, cache_dir=str(tmp_path)))
+    inside = {k: lat.tables[model[int(k)]](m.in_channels, m.out_channels)
+              for k, m in (("0", model[0]), ("2", model[2]), ("4", model[4]))}
+    # each table at full width is its conv's time inside the network (the profile the model was built from)
+    cached = LatencyModel(model, LatencyConfig(threads=1, imgsz=128, cache_dir=str(tmp_path)))
+    assert {k: cached.tables[model[int(k)]](m.in_channels, m.out_channels)
+            for k, m in (("0", model[0]), ("2", model[2]), ("4", model[4]))} == pytest.approx(inside)
+    assert lat() == pytest.approx(lat.whole_ms)
+
+
+def test_latency_checks_prune_on_until_the_runtime_measures_the_target(tmp_path, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import FIRST_PASS, prune_model
+
+    calls = []
+
+    def slower_than_predicted(self, base, pruned, imgsz, rounds=9):
+        # a runtime on which the network gains 20 % less than the table predicts, in log terms
+        predicted = calls_lat[0].whole_ms / calls_lat[0]()
+        calls.append(predicted)
+        return predicted ** 0.8
+
+    calls_lat = []
+    real_init = LatencyModel.__init__
+
+    def keep(self, *a, **kw):
+        real_init(self, *a, **kw)
+        calls_lat.append(self)
+
+    monkeypatch.setattr(Runtime, "speed_up", slower_than_predicted)
+    monkeypatch.setattr(LatencyModel, "__init__", keep)
+    model = load_model("yolov8n.yaml")
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=str(tmp_path), tolerance=0.05)
+    report = prune_model(model, cfg, progress=False)
+    checks = report.latency_checks
+    assert checks[0]["predicted_speed_up"] == pytest.approx(1.5 ** FIRST_PASS, rel=0.06)  # the first pass stops short
+    assert len(checks) >= 2 and checks[-1]["measured_speed_up"] >= 1.5 / 1.05  # pruned on until measured
+    assert all(c["measured_speed_up"] < c["predicted_speed_up"] for c in checks)
+    assert report.measured_latency_speed_up == checks[-1]["measured_speed_up"]
+    assert report.round_to % OnnxRuntime(2).block == 0  # widths in whole blocks of the runtime's kernels
+    unchecked = prune_model(load_model("yolov8n.yaml"), PruneConfig(**{**cfg.__dict__, "verify": 0}), progress=False)
+    assert unchecked.latency_checks == [] and unchecked.measured_latency_speed_up is None
+    assert unchecked.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)

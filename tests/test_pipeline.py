@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_writes_every_metric(repo):
     keys = {"baseline_map50_95", "finetuned_map50_95", "retention_pct", "baseline_params", "finetuned_params",
             "baseline_macs", "finetuned_macs", "macs_speed_up", "baseline_latency_ms", "finetuned_latency_ms",
-            "latency_speed_up"}
+            "latency_speed_up", "control_map50_95", "retention_vs_control_pct"}
     metrics = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")
                if p.stem not in ("benchmark_full", "tradeoff")}  # those two are outs, not metrics
     bench = metrics["benchmark"]
@@ -74,6 +75,10 @@ def test_repro_writes_every_metric(repo):
     curves = (repo / "metrics/baseline_curves.csv").read_text().splitlines()
     assert "metrics/mAP50-95(B)" in curves[0] and len(curves) == 2  # the header and the one epoch
     assert not [f for f in repo.rglob("*.dvc") if f.is_file()]  # no stray .dvc files from the dvclive callback
+    control = torch.load(repo / "models/control.pt", weights_only=False)["yoloprune"]  # the baseline, fine-tuned alike
+    assert control == {"epochs": 2, "control": True}
+    expected = 100 * bench["finetuned_map50_95"] / bench["control_map50_95"] if bench["control_map50_95"] else None
+    assert bench["retention_vs_control_pct"] == pytest.approx(expected)
 
 
 def test_experiments_reuse_upstream_stages(repo):

@@ -7,17 +7,16 @@ run cache computes each generation's dataset and baseline once::
     python -m tools.study plan      # the experiments and the `dvc exp run --queue` lines; runs nothing
     python -m tools.study queue     # queue the missing experiments that are ready (see `ready`)
     python -m tools.study run       # queue and run (`dvc exp run --run-all -j 2`) until every experiment was tried
-    python -m tools.study control   # the equal-budget controls: each generation's baseline trained as long again
     python -m tools.study report    # collect through DVC's API: docs/study/experiments.csv, docs/results.{md,png}
     python -m tools.study report --csv docs/study/experiments.csv   # redraw from the committed table, no DVC
 
-``make study`` runs queue, run, control and report; run again, it skips what is done.
+``make study`` runs queue, run and report; run again, it skips what is done. Each run's equal-budget control
+(its baseline fine-tuned as long, unpruned) is the pipeline's own ``control`` stage, shared by DVC's run cache.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -37,23 +36,26 @@ LOGGER = logging.getLogger("tools.study")
 
 PREFIX = "study-"  # DVC experiment names are PREFIX + Experiment.name: the study's, among everyone else's
 OUT_DIR = Path("docs")  # results.md and results.png; the table and the controls under OUT_DIR / "study"
-WORK_DIR = Path("runs/study")  # scratch space of the controls (git-ignored)
 JOBS = 2  # experiments at once, one training thread each (PROFILE): measured 6-32 % more steps/s than one 2-thread run
-# Every experiment's overrides before its own: baselines trained to a plateau (a 15-epoch baseline made a pruned model
-# look 103 % as good; the controls check it) and steadier latency medians on a shared CPU.
-PROFILE: dict[str, Any] = {"baseline.epochs": 120, "baseline.threads": 1, "finetune.threads": 1,
-                           "benchmark.iters": 100, "benchmark.warmup": 10}
+# Every experiment's overrides before its own: one training thread per job, and steadier latency medians on a shared
+# CPU. The baselines train as params.yaml has it (60 epochs, not a plateau): retention against each run's control
+# (the baseline fine-tuned as long as the pruned model) says what pruning cost, whatever the baseline still lacked.
+PROFILE: dict[str, Any] = {"baseline.threads": 1, "finetune.threads": 1, "benchmark.iters": 100,
+                           "benchmark.warmup": 10}
 BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")  # equal values: one baseline, shared
 GENERATIONS = ("configs/yolov8n.yaml", "configs/yolo11n.yaml", "configs/yolo26n.yaml")  # Ultralytics' yamls
 SPEED_UPS = (2.0, 3.0)
-VARIANTS = (("macs", "none"), ("latency", "none"), ("macs", "both"))  # (prune.target, finetune.distill.method)
-DISTILL_ALONE = ("output", "cwd")  # yolov8n at 2x: each half of "both" on its own
+VARIANTS = (("macs", "none"), ("latency", "none"))  # (prune.target, finetune.distill.method), at each speed-up
+DISTILLED = (("macs", "both", 2.0),)  # then per generation: (target, distillation, speed-up)
 BASELINE_OUT = "models/baseline.pt"
 TABLE = ["experiment", "kind", "model", "method", "speed_up", "target", "ft_epochs", "distill", "map50_95",
-         "base_map50_95", "retention", "macs_speed_up", "latency_speed_up", "latency_ms", "base_latency_ms", "commit"]
-METRICS = {"map50_95": "finetuned_map50_95", "base_map50_95": "baseline_map50_95", "macs_speed_up": "macs_speed_up",
-           "latency_speed_up": "latency_speed_up", "latency_ms": "finetuned_latency_ms",
-           "base_latency_ms": "baseline_latency_ms"}  # table column -> metric key (metrics/benchmark.json first)
+         "base_map50_95", "control_map50_95", "retention", "retention_vs_control", "macs_speed_up", "latency_speed_up",
+         "predicted_latency_speed_up", "latency_ms", "base_latency_ms", "commit"]
+METRICS = {"map50_95": "finetuned_map50_95", "base_map50_95": "baseline_map50_95",
+           "control_map50_95": "control_map50_95", "macs_speed_up": "macs_speed_up",
+           "latency_speed_up": "latency_speed_up", "predicted_latency_speed_up": "predicted_latency_speed_up",
+           "latency_ms": "finetuned_latency_ms", "base_latency_ms": "baseline_latency_ms"}
+# table column -> metric key (metrics/benchmark.json first)
 PARAMS = {"model": "model", "method": "method", "speed_up": "speed_up", "target": "prune.target",
           "ft_epochs": "finetune.epochs", "distill": "finetune.distill.method"}  # table column -> params.yaml key
 ABSENT = {"target": "macs", "distill": "none"}  # what a run from before these params existed did
@@ -113,15 +115,9 @@ class Experiment:
 
 def sweep() -> list[Experiment]:
     """Return the study's experiments: per generation each (target, distill) variant at each speed-up, then the
-    distillation methods one by one on yolov8n; a generation's first row trains its baseline."""
+    distilled ones; a generation's first row trains its baseline."""
     rows = [Experiment(m, s, target=t, distill=d) for m in GENERATIONS for t, d in VARIANTS for s in SPEED_UPS]
-    return rows + [Experiment(GENERATIONS[0], 2.0, distill=d) for d in DISTILL_ALONE]
-
-
-def controls(experiments: Sequence[Experiment]) -> dict[str, Experiment]:
-    """Return each generation's equal-budget control (``v8n-control``) and the experiment whose baseline it trains."""
-    return {f"{family(e.model)}-control": e for e in experiments
-            if (e.speed_up, e.target, e.distill, e.ft_epochs) == (2.0, "macs", "none", None)}
+    return rows + [Experiment(m, s, target=t, distill=d) for m in GENERATIONS for t, d, s in DISTILLED]
 
 
 # --- DVC ---------------------------------------------------------------------------------------------------------
@@ -261,51 +257,6 @@ def missing(records: Iterable[Record], experiments: Sequence[Experiment]) -> dic
     return {e.name: states.get(e.dvc_name, "not queued") for e in experiments if states.get(e.dvc_name) != "done"}
 
 
-# --- the equal-budget control --------------------------------------------------------------------------------------
-
-def run_control(name: str, source: Experiment, repo: str | Path = ".", out_dir: str | Path = OUT_DIR) -> dict | None:
-    """Fine-tune ``source``'s baseline (read from DVC at its run) with its fine-tune settings, unpruned, and measure
-    it as the benchmark stage does; write and return the result (None until ``source`` has finished).
-
-    The pruned model had its baseline's training plus the fine-tune: the control gets as much, so that retention
-    against it says what pruning cost, not what the extra epochs gained."""
-    import dvc.api
-
-    from yoloprune.benchmark import benchmark
-    from yoloprune.data import make_dataset
-    from yoloprune.finetune import finetune
-    from yoloprune.params import SYNTHETIC, data_yaml
-
-    rec = next((r for r in current(parse_exp_show(exp_show(repo)), repo)
-                if r.name == source.dvc_name and r.finished), None)
-    if rec is None:
-        LOGGER.warning("%s: %s has not finished; run the sweep first", name, source.dvc_name)
-        return None
-    path = Path(out_dir) / "study" / f"{name}.json"
-    if path.is_file() and json.loads(path.read_text()).get("rev") == rec.rev:
-        return json.loads(path.read_text())
-    work = WORK_DIR / name
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "baseline.pt").write_bytes(dvc.api.read(BASELINE_OUT, repo=str(repo), rev=rec.rev, mode="rb"))
-    p, f, b = rec.params, rec.params["finetune"], rec.params["benchmark"]
-    d = p["dataset"]
-    data = make_dataset(work / "data", d["n_train"], d["n_val"], p["imgsz"], d["seed"]) \
-        if p["data"] == SYNTHETIC else data_yaml(p)
-    result = finetune(work / "baseline.pt", data, epochs=f["epochs"], imgsz=p["imgsz"], batch=f["batch"],
-                      device=str(f["device"]), threads=f.get("threads"), out_dir=work / "finetune",
-                      workers=f.get("workers", 0), **(f.get("args") or {}))
-    measured = benchmark(result.best, imgsz=p["imgsz"], runtime="onnx", data=str(data), iters=b["iters"],
-                         warmup=b["warmup"], threads=b["threads"])
-    out = {"experiment": name, "kind": "control", "model": p["model"], "method": "none", "speed_up": 1.0,
-           "target": "none", "ft_epochs": f["epochs"], "distill": "none", "map50_95": measured.get("map50_95"),
-           "base_map50_95": rec.metric("baseline_map50_95"), "macs_speed_up": 1.0,
-           "latency_ms": measured["latency_median_ms"], "base_latency_ms": rec.metric("baseline_latency_ms"),
-           "commit": rec.baseline[:12], "rev": rec.rev}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    return out
-
-
 # --- the table, the front, the plot, the report ---------------------------------------------------------------------
 
 def percent(part: float, whole: float) -> float:
@@ -313,9 +264,8 @@ def percent(part: float, whole: float) -> float:
     return 100 * part / whole if whole and math.isfinite(whole) else math.nan
 
 
-def table(records: Iterable[Record], experiments: Sequence[Experiment], control_rows: Sequence[dict] = ()
-          ) -> pd.DataFrame:
-    """Return one row per finished experiment of the sweep (its newest run), in sweep order, then the controls."""
+def table(records: Iterable[Record], experiments: Sequence[Experiment]) -> pd.DataFrame:
+    """Return one row per finished experiment of the sweep (its newest run), in sweep order."""
     order = {e.dvc_name: i for i, e in enumerate(experiments)}
     newest: dict[str, Record] = {}
     for r in records:  # exp show lists the newest commit's runs first
@@ -324,10 +274,11 @@ def table(records: Iterable[Record], experiments: Sequence[Experiment], control_
     rows = [{"experiment": r.name.removeprefix(PREFIX), "kind": "pruned", "commit": r.baseline[:12],
              **{c: r.param(k) if r.param(k) is not None else ABSENT.get(c) for c, k in PARAMS.items()},
              **{c: r.metric(k) for c, k in METRICS.items()}} for r in sorted(newest.values(), key=lambda r: order[r.name])]
-    df = pd.DataFrame([*rows, *control_rows], columns=TABLE)
+    df = pd.DataFrame(rows, columns=TABLE)
     for c in ("speed_up", "ft_epochs", *METRICS):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["retention"] = [percent(m, b) for m, b in zip(df["map50_95"], df["base_map50_95"], strict=True)]
+    df["retention_vs_control"] = [percent(m, c) for m, c in zip(df["map50_95"], df["control_map50_95"], strict=True)]
     df["latency_speed_up"] = df["latency_speed_up"].fillna(df["base_latency_ms"] / df["latency_ms"])
     return df
 
@@ -342,14 +293,16 @@ def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bo
 
 
 def points(df: pd.DataFrame) -> pd.DataFrame:
-    """Return the plotted points: each run, and each generation's baseline (median over the runs that trained it
-    alike), with each generation's Pareto front."""
+    """Return the plotted points: each run, and each generation's baseline and equal-budget control (medians over
+    the runs that trained them alike, at the baseline's latency), with each generation's Pareto front."""
     df = df.assign(family=df["model"].map(family), label=df["experiment"])  # a yaml's family, wherever it lies
     runs = df[["label", "kind", "family", "latency_ms", "map50_95"]]
-    base = df[df["kind"] == "pruned"].groupby("family", sort=False)[["base_latency_ms", "base_map50_95"]].median()
-    base = base.reset_index().rename(columns={"base_latency_ms": "latency_ms", "base_map50_95": "map50_95"})
-    base = base.assign(label=[f"{f} baseline" for f in base["family"]], kind="baseline")
-    pts = pd.concat([runs, base[runs.columns]], ignore_index=True)
+    refs = [runs]
+    for kind, col in (("baseline", "base_map50_95"), ("control", "control_map50_95")):
+        ref = df[df["kind"] == "pruned"].groupby("family", sort=False)[["base_latency_ms", col]].median().dropna()
+        ref = ref.reset_index().rename(columns={"base_latency_ms": "latency_ms", col: "map50_95"})
+        refs.append(ref.assign(label=[f"{f} {kind}" for f in ref["family"]], kind=kind)[runs.columns])
+    pts = pd.concat(refs, ignore_index=True)
     pts["front"] = False
     for _, g in pts.groupby("family", sort=False):
         pts.loc[g.index, "front"] = pareto_front(g["latency_ms"], g["map50_95"])
@@ -408,7 +361,8 @@ def plot(df: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
-SHOWN = {"experiment": "experiment", "map50_95": "mAP50-95", "base_map50_95": "baseline", "retention": "retention %",
+SHOWN = {"experiment": "experiment", "map50_95": "mAP50-95", "base_map50_95": "baseline",
+         "control_map50_95": "control", "retention": "retention %", "retention_vs_control": "vs control %",
          "macs_speed_up": "MACs ×", "latency_speed_up": "latency ×", "latency_ms": "latency ms"}
 
 
@@ -421,7 +375,8 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
              "<!-- Generated by `python -m tools.study report` from docs/study/experiments.csv; do not edit. -->", "",
              (f"{len(df)} runs from the pipeline (`dvc.yaml`) as DVC experiments of commit(s) {commits}. mAP50-95 on "
               "the validation split with ONNX Runtime; latency: the median ONNX Runtime CPU forward pass at batch 1; "
-              "retention: fine-tuned mAP50-95 as % of the run's own baseline (NaN where that is 0)."), ""]
+              "retention: fine-tuned mAP50-95 as % of the run's own baseline (NaN where that is 0); vs control: as % of "
+              "the control, the same baseline fine-tuned as long without pruning (equal training budget)."), ""]
     if missing_runs:
         lines += ["Not finished: " + ", ".join(f"{k} ({v})" for k, v in missing_runs.items()) + ".", ""]
     lines += ["![mAP50-95 vs latency, one panel per generation](results.png)", "", "## Pareto front", "",
@@ -429,7 +384,8 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
               front.rename(columns={"label": "model", "latency_ms": "latency ms", "map50_95": "mAP50-95"})
               .to_markdown(index=False, floatfmt=".3f"), "", "## Every run", "",
               df[list(SHOWN)].rename(columns=SHOWN)
-              .to_markdown(index=False, floatfmt=("", ".3f", ".3f", ".1f", ".3f", ".2f", ".3f")), "",
+              .to_markdown(index=False, floatfmt=("", ".3f", ".3f", ".3f", ".1f", ".1f", ".2f", ".2f", ".2f")),
+              "",
               "The sweep's settings per run: `docs/study/experiments.csv`; the commands: `python -m tools.study plan`.",
               ""]
     return "\n".join(lines)
@@ -451,18 +407,17 @@ def write_report(df: pd.DataFrame, out_dir: str | Path = OUT_DIR, missing_runs: 
 
 def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR
            ) -> tuple[Path, Path]:
-    """Collect the finished experiments (DVC's API) and the controls and write the report."""
+    """Collect the finished experiments (DVC's API) and write the report."""
     records = current(parse_exp_show(exp_show(repo)), repo)
-    ctrl = [json.loads(p.read_text()) for name in controls(experiments)
-            if (p := Path(out_dir) / "study" / f"{name}.json").is_file()]
-    return write_report(table(records, experiments, ctrl), out_dir, missing(records, experiments))
+    return write_report(table(records, experiments), out_dir, missing(records, experiments))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Return a committed ``experiments.csv``."""
     if not Path(path).is_file():
         raise YoloPruneError(f"{path}: no such table; run `python -m tools.study report` first, or pass its path")
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    # a table from before a column existed reads it as missing values
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]).reindex(columns=TABLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,7 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("plan", help="print the experiments' queue commands")
     sub.add_parser("queue", help="queue the missing experiments that are ready")
     sub.add_parser("run", help=f"queue and run ({JOBS} at a time) until every experiment was tried")
-    sub.add_parser("control", help="train the equal-budget controls")
     rep = sub.add_parser("report", help="write docs/study/experiments.csv, docs/results.md and docs/results.png")
     rep.add_argument("--csv", help="redraw from this experiments.csv instead of collecting from DVC")
     args = parser.parse_args(argv)
@@ -487,9 +441,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             if failed := run(experiments):
                 LOGGER.warning("not finished: %s (`dvc queue logs NAME` says why)", ", ".join(failed))
-        elif args.command == "control":
-            for name, source in controls(experiments).items():
-                run_control(name, source, out_dir=args.out)
         elif args.csv:
             write_report(read_table(args.csv), args.out, write_csv=Path(args.csv).resolve() !=
                          (Path(args.out) / "study" / "experiments.csv").resolve())

@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latency-threads", type=int, help="--target latency: the runtime's threads (default 2)")
     r.add_argument("--latency-cache", help="--target latency: folder of the cached latency tables "
                                            "(default ~/.cache/yoloprune/latency)")
+    r.add_argument("--verify", type=int, help="--target latency: time the pruned network on the runtime up to N "
+                                             "times, pruning on while it is short of the target (default 4; 0: "
+                                             "trust the table)")
+    r.add_argument("--cost-power", type=float, help="--target latency: rank channels by importance / (ms saved) "
+                                                    "** P (default 0: importance alone, measured best)")
     r.add_argument("-o", "--output", help="output .pt (default: <model>-pruned.pt)")
     r.add_argument("--report", help="write a JSON report here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

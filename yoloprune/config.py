@@ -229,3 +229,6 @@ class FinetuneConfig(TrainConfig):
     epochs: int = 10
     device: str | int = "cpu"  # cpu, 0, or 0,1,... (Ultralytics DDP)
     distill: DistillConfig = field(default_factory=DistillConfig)  # from the unpruned model; method none: off
+    # also fine-tune the unpruned baseline alike (stage control): retention against an equal training budget, so a
+    # baseline stopped while still improving does not make pruning look free; false: the baseline is the control
+    control: bool = True

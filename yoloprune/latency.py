@@ -3,17 +3,21 @@
 Every convolution the deployed network runs is timed alone on the runtime (ONNX Runtime
 on CPU by default, PyTorch on CPU or CUDA) at its own input size, kernel and stride,
 over a grid of input/output channel counts: 1/4, 1/2, 3/4 and all of its channels, in
-multiples of ``ALIGN``. Widths that are not multiples of ``ALIGN`` run slower on vector
-CPUs (measured on ONNX Runtime, 64 -> 63 output channels at 80x80 px: 1.4-2x the time),
-so each layer also times one such width per dimension and keeps the ratio as its
-misalignment factor. A layer's time at any width is the grid interpolated (bilinear),
-times that factor where the width is misaligned. What pruning does not touch (the image
-input, concatenations, upsampling, decoding, attention products) is the rest: the whole
-network's measured time minus the sum of its layers' predictions at full width. Part of
-it moves feature maps (concatenations, splits, additions, upsampling, pooling: 14 % of
-yolov8n's time at 160 px on ONNX Runtime) and shrinks with the channels, so where the
-runtime's profiler tells that part apart it scales with the layers' output volume; the
-rest (the head's decoding, attention products) is a fixed cost.
+multiples of the runtime's channel block. CPU vector kernels pack channels in blocks (16
+with AVX-512, 8 otherwise): measured on ONNX Runtime at 80x80 px with AVX-512, a 3x3 conv
+to 56 channels takes as long as one to 64, and one to 40 as long as one to 48. A layer's
+time at any width is therefore the grid at the width rounded up to the block
+(interpolated bilinearly), times a measured factor where the width is not a multiple of 4
+(the runtime leaves its packed layout: 1.4-2x slower).
+
+On ONNX Runtime, the table holds each convolution's kernel time as its profiler reports
+it, and the whole network is profiled once at full width: each of its convolutions is
+matched to its graph node, so a layer's table is scaled to the time it takes inside the
+network (caches, packed layouts: 0.4-1x of the lone conv's time at 640 px); the
+activations, concatenations, splits, additions, upsampling, pooling and layout reorders
+(``MOVING_OPS``) scale with the feature maps' volume; the rest (the head's decoding,
+attention products, the gaps between nodes) is a fixed cost. PyTorch runtimes have no
+such profile: their fixed cost is the whole network's time minus the layers' sum.
 
 The table is cached on disk (``~/.cache/yoloprune/latency/<key>.json`` by default, or
 ``cache_dir``), keyed by the runtime and its versions, the CPU (or GPU) model, the thread
@@ -46,10 +50,20 @@ from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
 
-ALIGN = 8  # CPU vector kernels (MLAS, oneDNN) pack channels by 8 (AVX2) or 16 (AVX-512)
 GRID = (0.25, 0.5, 0.75, 1.0)  # share of a layer's channels timed per dimension: max_layer_ratio 0.75 reaches 1/4
-MOVING_OPS = ("Concat", "Split", "Add", "Upsample", "Resize", "MaxPool", "Slice")  # cost ~ feature-map volume
-CACHE_VERSION = 2  # bump when the table's layout or measuring changes, so old caches are not read
+# ONNX Runtime ops whose cost follows the feature maps' volume: activations (SiLU is fused to QuickGelu), joins,
+# resampling and the reorders into and out of the packed channel layout
+MOVING_OPS = ("QuickGelu", "Sigmoid", "Mul", "Concat", "Split", "Add", "Upsample", "Resize", "MaxPool", "Slice",
+              "ReorderInput", "ReorderOutput")
+ODD = 4  # widths not a multiple of this leave the packed layout (measured 1.4-2x slower)
+CACHE_VERSION = 3  # bump when the table's layout or measuring changes, so old caches are not read
+
+
+def channel_block(device: str = "cpu") -> int:
+    """Return the channels a runtime's kernels process together: 16 on AVX-512 CPUs, else 8 (AVX2, GPU tensor cores)."""
+    if device == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability():
+        return 16
+    return 8
 
 
 @dataclass(frozen=True)
@@ -102,44 +116,57 @@ class ConvSpec:
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    def grids(self) -> tuple[list[int], list[int]]:
-        """Return the input and output widths timed for this layer."""
+    def grids(self, block: int) -> tuple[list[int], list[int]]:
+        """Return the input and output widths timed for this layer, multiples of ``block`` and the full widths."""
         if self.depthwise:
-            g = _grid(self.cout, self.cout_fixed)
+            g = _grid(self.cout, self.cout_fixed, block)
             return g, g
         if self.groups > 1:  # grouped, not depthwise: rare in YOLO; timed at full width, scaled with MACs
             return [self.cin], [self.cout]
-        return _grid(self.cin, self.cin_fixed), _grid(self.cout, self.cout_fixed)
+        return _grid(self.cin, self.cin_fixed, block), _grid(self.cout, self.cout_fixed, block)
 
 
-def _grid(full: int, fixed: bool) -> list[int]:
-    if fixed or full <= ALIGN:
+def _grid(full: int, fixed: bool, block: int) -> list[int]:
+    if fixed or full <= block:
         return [full]
-    return sorted({max(ALIGN, round(full * r / ALIGN) * ALIGN) for r in GRID} | {full})
+    return sorted({max(block, round(full * r / block) * block) for r in GRID} | {full})
 
 
 def _misaligned(grid: list[int]) -> int | None:
-    """Return a width near the top of ``grid`` that is not a multiple of ALIGN (None for a fixed dimension)."""
+    """Return a width just below the top of ``grid`` that is not a multiple of ODD (None for a fixed dimension)."""
     if len(grid) < 2:
         return None
-    return grid[-1] - ALIGN // 2 - 1
+    return grid[-1] - 1 if (grid[-1] - 1) % ODD else grid[-1] - 3
 
 
 # --- runtimes ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class NetProfile:
+    """One network's measured time split the way the latency model composes it (ms)."""
+
+    wall_ms: float  # the fastest whole run
+    conv_ms: dict[str, float]  # each convolution's kernel time inside the network, by module name
+    moving_ms: float = 0.0  # ops whose cost follows the feature maps' volume (MOVING_OPS)
+    fixed_ms: float = 0.0  # everything else, including the gaps between nodes
+
 
 class Runtime:
     """Times single convolutions and whole networks on one backend; a subclass per backend, registered by name."""
 
     name = ""
+    device = "cpu"
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
+        self.block = channel_block(self.device)
 
     def identity(self) -> dict:
         """Return what a timing depends on besides the network: the machine and the libraries."""
         from ultralytics.utils.torch_utils import get_cpu_info  # the CPU name runtime.machine_info reports too
 
-        return {"runtime": self.name, "cpu": get_cpu_info(), "torch": torch.__version__, "threads": self.threads}
+        return {"runtime": self.name, "cpu": get_cpu_info(), "torch": torch.__version__, "threads": self.threads,
+                "block": self.block}
 
     def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
         """Return the time in ms of ``spec`` at ``cin`` -> ``cout`` channels (minimum over ``reps`` runs)."""
@@ -147,11 +174,47 @@ class Runtime:
 
     def time_model(self, model: nn.Module, imgsz: int, reps: int) -> float:
         """Return the time in ms of one batch-1 inference of ``model`` (minimum over ``reps`` runs)."""
-        return self.time_model_parts(model, imgsz, reps)[0]
+        return self.profile_model(model, imgsz, reps).wall_ms
 
-    def time_model_parts(self, model: nn.Module, imgsz: int, reps: int) -> tuple[float, float]:
-        """Return the whole network's time in ms and the part of it spent moving feature maps (0 if unknown)."""
+    def profile_model(self, model: nn.Module, imgsz: int, reps: int) -> NetProfile:
+        """Return the whole network's time, split into its convolutions, volume-bound ops and the rest."""
         raise NotImplementedError
+
+    def runner(self, model: nn.Module, imgsz: int) -> Callable[[], object]:
+        """Return a call that runs one batch-1 inference of ``model`` at ``imgsz`` on this runtime."""
+        raise NotImplementedError
+
+    def speed_up(self, base: nn.Module, pruned: nn.Module, imgsz: int, rounds: int = 9) -> float:
+        """Return the measured speed-up of ``pruned`` over ``base``: base's fastest run / pruned's fastest run.
+
+        The two are timed interleaved, in ``rounds`` rounds, every other one in reverse
+        order, so both see the same states of the machine. The fastest runs are compared,
+        not typical ones: on a shared 2-core machine slow periods come and go (measured,
+        yolov8n at 640 px: the same pair's per-round ratio 2.3-4.5x, its fastest-run ratio
+        3.3-3.6x over five measurements), and they slow a small network more than a big one.
+        """
+        base_ms, pruned_ms = self.paired_times(base, pruned, imgsz, rounds)
+        return min(base_ms) / min(pruned_ms)
+
+    def paired_times(self, base: nn.Module, pruned: nn.Module, imgsz: int, rounds: int = 9,
+                     reps: int | None = None) -> tuple[list[float], list[float]]:
+        """Return per-round fastest times (ms) of ``base`` and ``pruned``, timed interleaved.
+
+        ``reps`` runs per model and round; None: enough for about 0.1 s per model and round
+        (5 runs of a 20 ms network, 25 of a 4 ms one), so a short network is not all noise.
+        """
+        runs = [self.runner(m, imgsz) for m in (base, pruned)]
+        if reps is None:
+            reps = max(5, min(50, math.ceil(100 / max(_best(runs[1], 3, self.torch_device), 1e-3))))
+        ms: list[list[float]] = [[], []]
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                ms[i].append(_best(runs[i], reps, self.torch_device))
+        return ms[0], ms[1]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
 
 
 RUNTIMES: dict[str, type[Runtime]] = {}
@@ -216,43 +279,62 @@ class OnnxRuntime(Runtime):
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         return self.ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
-    def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
-        session = self.session(conv_onnx(spec, cin, cout))
-        x = {"x": np.random.default_rng(0).random((1, cin, spec.height, spec.width), dtype=np.float32)}
-        return _best(lambda: session.run(None, x), reps)
+    def node_times(self, model_bytes: bytes, shape: tuple[int, ...], reps: int) -> tuple[dict[str, float],
+                                                                                            dict[str, str], float]:
+        """Return each node's fastest kernel time (ms) over ``reps`` profiled runs, the nodes' ops and the fastest run.
 
-    def time_model_parts(self, model: nn.Module, imgsz: int, reps: int) -> tuple[float, float]:
-        """Return the sum over the graph's nodes of each node's fastest of ``reps`` runs (ONNX Runtime's profiler).
-
-        A whole run of a 640-px network lasts long enough to be interrupted by other
-        processes (measured with 8 busy processes on 2 cores: fastest of 12 runs 160 ms,
-        sum of its nodes' fastest 69 ms); its nodes, like the table's single layers, last
-        milliseconds and are timed on the same footing.
+        Node times last microseconds to milliseconds and are timed on the same footing in
+        the table and in the network; a whole run of a 640-px network is long enough to be
+        interrupted by other processes (measured with 8 busy processes on 2 cores: fastest
+        of 12 runs 160 ms, sum of its nodes' fastest 69 ms).
         """
         import tempfile
 
+        plain = self.session(model_bytes)  # the profiler adds time to every node: whole runs are timed without it
+        x = {plain.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+        wall = time_calls(lambda: plain.run(None, x), 2, reps, CPU)
         with tempfile.TemporaryDirectory() as tmp:
-            session = self.session(model_onnx(model, imgsz), profile=str(Path(tmp) / "profile"))
-            x = {session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, imgsz, imgsz),
-                                                                                   dtype=np.float32)}
+            session = self.session(model_bytes, profile=str(Path(tmp) / "profile"))
             for _ in range(reps + 2):
                 session.run(None, x)
             events = json.loads(Path(session.end_profiling()).read_text())
-        nodes: dict[str, list[float]] = {}
+        runs: dict[str, list[float]] = {}
         ops: dict[str, str] = {}
         for e in events:
             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                nodes.setdefault(e["name"], []).append(e["dur"] / 1000)
-                ops[e["name"]] = e.get("args", {}).get("op_name", "")
-        best = {k: min(v[2:] or v) for k, v in nodes.items()}  # the first two runs are warm-up
-        return sum(best.values()), sum(t for k, t in best.items() if ops[k] in MOVING_OPS)
+                name = e["name"][:-len("_kernel_time")]
+                runs.setdefault(name, []).append(e["dur"] / 1000)
+                ops[name] = e.get("args", {}).get("op_name", "")
+        best = {k: min(v[2:] or v) for k, v in runs.items()}  # the first two runs are warm-up
+        return best, ops, min(wall)
+
+    def runner(self, model: nn.Module, imgsz: int) -> Callable[[], object]:
+        session = self.session(model_onnx(model, imgsz))
+        x = {session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
+        return lambda: session.run(None, x)
+
+    def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
+        """Return the convolution kernel's own time, as the profiler reports it inside a network (no reorders)."""
+        best, ops, _ = self.node_times(conv_onnx(spec, cin, cout), (1, cin, spec.height, spec.width), reps)
+        return sum(t for k, t in best.items() if ops[k] == "Conv")
+
+    def profile_model(self, model: nn.Module, imgsz: int, reps: int) -> NetProfile:
+        onnx_bytes, names = model_onnx_named(model, imgsz)
+        best, ops, wall = self.node_times(onnx_bytes, (1, 3, imgsz, imgsz), reps)
+        conv_ms: dict[str, float] = {}
+        for node, module in names.items():  # a conv's node keeps its name, or is renamed after its output
+            t = best.pop(node, 0.0) + best.pop(f"{node}_nchwc", 0.0)
+            if t:
+                conv_ms[module] = conv_ms.get(module, 0.0) + t
+        moving = sum(t for k, t in best.items() if ops[k] in MOVING_OPS)
+        rest = sum(t for k, t in best.items() if ops[k] not in MOVING_OPS)
+        nodes = sum(conv_ms.values()) + moving + rest
+        return NetProfile(wall, conv_ms, moving, rest + max(wall - nodes, 0.0))
 
 
 @register("torch")
 class TorchRuntime(Runtime):
     """PyTorch eager on the CPU with ``threads`` threads (set for the timing only, then restored)."""
-
-    device = torch.device("cpu")
 
     def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
         groups = cin if spec.depthwise else spec.groups
@@ -260,25 +342,36 @@ class TorchRuntime(Runtime):
         layer = nn.Sequential(conv, nn.SiLU()) if spec.act else conv
         return self._time(layer, torch.rand(1, cin, spec.height, spec.width), reps)
 
-    def time_model_parts(self, model: nn.Module, imgsz: int, reps: int) -> tuple[float, float]:
-        return self._time(copy.deepcopy(model), torch.rand(1, 3, imgsz, imgsz), reps), 0.0
+    def profile_model(self, model: nn.Module, imgsz: int, reps: int) -> NetProfile:
+        return NetProfile(self._time(copy.deepcopy(model), torch.rand(1, 3, imgsz, imgsz), reps), {})
 
     def _time(self, layer: nn.Module, x: torch.Tensor, reps: int) -> float:
-        layer, x = layer.to(self.device).eval(), x.to(self.device)
+        layer, x = layer.to(self.torch_device).eval(), x.to(self.torch_device)
         with torch_threads_kept(self.threads), torch.inference_mode():
-            return _best(lambda: layer(x), reps, self.device)
+            return _best(lambda: layer(x), reps, self.torch_device)
+
+    def runner(self, model: nn.Module, imgsz: int) -> Callable[[], object]:
+        model = copy.deepcopy(model).float().to(self.torch_device).eval()
+        x = torch.rand(1, 3, imgsz, imgsz, device=self.torch_device)
+
+        def run() -> object:
+            with torch_threads_kept(self.threads), torch.inference_mode():
+                return model(x)
+
+        return run
 
 
 @register("cuda")
 class CudaRuntime(TorchRuntime):
     """PyTorch eager on the first CUDA GPU (fp32)."""
 
+    device = "cuda"
+
     def __init__(self, threads: int) -> None:
-        super().__init__(threads)
         if not torch.cuda.is_available():
             raise YoloPruneError("runtime 'cuda' needs a CUDA GPU, and torch sees none; set prune.runtime: "
                                  "onnxruntime (CPU) or torch, or run on a machine with a GPU")
-        self.device = torch.device("cuda", 0)
+        super().__init__(threads)
 
     def identity(self) -> dict:
         return {**super().identity(), "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
@@ -317,6 +410,38 @@ def model_onnx(model: nn.Module, imgsz: int) -> bytes:
     return buf.getvalue()
 
 
+def model_onnx_named(model: nn.Module, imgsz: int) -> tuple[bytes, dict[str, str]]:
+    """Return ``model`` in ONNX (as ``model_onnx``) and the name of the module behind each Conv node, by node name.
+
+    The exporter writes the Conv nodes in the order the convolutions run, so the i-th
+    Conv node is the i-th ``nn.Conv2d`` called in an eval forward pass.
+    """
+    import onnx
+
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(lambda m, i, o: order.append(names[m])) for m in model.modules()
+               if type(m) is nn.Conv2d]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, imgsz, imgsz, dtype=next(model.parameters()).dtype,
+                                     device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    data = model_onnx(model, imgsz)
+    convs = [n for n in onnx.load_from_string(data).graph.node if n.op_type == "Conv"]
+    if len(convs) != len(order):  # a conv folded away or one run twice: name none rather than mismatch them
+        return data, {}
+    by_node = {}
+    for node, name in zip(convs, order):
+        by_node[node.name] = name
+        by_node[node.output[0]] = name  # ORT's packed-layout pass renames a conv after its output (+ "_nchwc")
+    return data, by_node
+
+
 # --- the model ----------------------------------------------------------------------------------------------------
 
 def conv_specs(model: nn.Module, imgsz: int, exclude: set[nn.Module] | None = None,
@@ -351,36 +476,45 @@ def conv_specs(model: nn.Module, imgsz: int, exclude: set[nn.Module] | None = No
 
 
 class LayerTable:
-    """One layer's measured times over its width grid, interpolated, with its misalignment factors."""
+    """One layer's measured times over its width grid: rounded up to the block, interpolated, misalignment factors."""
 
     def __init__(self, spec: ConvSpec, cins: list[int], couts: list[int], ms: list[list[float]],
-                 odd_in: float = 1.0, odd_out: float = 1.0) -> None:
+                 odd_in: float = 1.0, odd_out: float = 1.0, block: int = 8) -> None:
         self.spec, self.cins, self.couts = spec, cins, couts
         self.ms = np.asarray(ms, dtype=np.float64)
-        self.odd_in, self.odd_out = odd_in, odd_out
+        self.odd_in, self.odd_out, self.block = odd_in, odd_out, block
+        self.scale = 1.0  # the layer's time inside the network / its time alone, at full width (set by LatencyModel)
 
     def aligned(self, cin: int, cout: int) -> float:
-        """Return the grid's bilinear interpolation at (cin, cout); below the grid, proportional to the width."""
+        """Return the grid's bilinear interpolation at (cin, cout); below the grid, along its two lowest points."""
         row = np.array([_interp(cout, self.couts, r) for r in self.ms])
         return _interp(cin, self.cins, row)
 
-    def __call__(self, cin: int, cout: int) -> float:
-        """Return the predicted time in ms at ``cin`` -> ``cout`` channels."""
+    def _up(self, width: int, grid: list[int]) -> int:
+        """Return ``width`` rounded up to the block the kernels compute anyway (never past the full width)."""
+        return width if len(grid) == 1 else min(-(-width // self.block) * self.block, grid[-1])
+
+    def alone(self, cin: int, cout: int) -> float:
+        """Return the layer's predicted time alone in ms at ``cin`` -> ``cout`` channels."""
         spec = self.spec
         if spec.groups > 1 and not spec.depthwise:
             return float(self.ms[0, 0]) * cin * cout / (spec.cin * spec.cout)
         if spec.depthwise:
             cin = cout = min(cin, cout)
-        t = self.aligned(cin, cout)
-        if cout % ALIGN and len(self.couts) > 1:
+        t = self.aligned(self._up(cin, self.cins), self._up(cout, self.couts))
+        if cout % ODD and len(self.couts) > 1:
             t *= self.odd_out
-        if cin % ALIGN and len(self.cins) > 1 and not spec.depthwise:
+        if cin % ODD and len(self.cins) > 1 and not spec.depthwise:
             t *= self.odd_in
         return t
 
+    def __call__(self, cin: int, cout: int) -> float:
+        """Return the layer's predicted time in ms inside the network at ``cin`` -> ``cout`` channels."""
+        return self.scale * self.alone(cin, cout)
+
     def to_dict(self) -> dict:
         return {"cin": self.cins, "cout": self.couts, "ms": self.ms.tolist(), "odd_in": self.odd_in,
-                "odd_out": self.odd_out}
+                "odd_out": self.odd_out, "block": self.block}
 
 
 def _interp(x: float, xs: list[int], ys: np.ndarray) -> float:
@@ -396,34 +530,34 @@ def _interp(x: float, xs: list[int], ys: np.ndarray) -> float:
 
 def measure_table(runtime: Runtime, spec: ConvSpec, reps: int) -> LayerTable:
     """Return the table of ``spec`` measured on ``runtime``."""
-    cins, couts = spec.grids()
+    cins, couts = spec.grids(runtime.block)
     if spec.depthwise:
-        dw = _DepthwiseTable(spec, couts, [runtime.time_conv(spec, c, c, reps) for c in couts])
+        dw = _DepthwiseTable(spec, couts, [runtime.time_conv(spec, c, c, reps) for c in couts], block=runtime.block)
         odd = _misaligned(couts)
         if odd is not None:
-            dw.odd_out = _factor(runtime.time_conv(spec, odd, odd, reps), dw.aligned(odd, odd))
+            dw.odd_out = _factor(runtime.time_conv(spec, odd, odd, reps), dw.aligned(couts[-1], couts[-1]))
         return dw
     ms = [[runtime.time_conv(spec, ci, co, reps) for co in couts] for ci in cins]
-    table = LayerTable(spec, cins, couts, ms)
+    table = LayerTable(spec, cins, couts, ms, block=runtime.block)
     odd = _misaligned(couts)
-    if odd is not None:
-        table.odd_out = _factor(runtime.time_conv(spec, cins[-1], odd, reps), table.aligned(cins[-1], odd))
+    if odd is not None:  # compared with the block above it, which is what an aligned odd width would cost
+        table.odd_out = _factor(runtime.time_conv(spec, cins[-1], odd, reps), table.aligned(cins[-1], couts[-1]))
     odd = _misaligned(cins)
     if odd is not None:
-        table.odd_in = _factor(runtime.time_conv(spec, odd, couts[-1], reps), table.aligned(odd, couts[-1]))
+        table.odd_in = _factor(runtime.time_conv(spec, odd, couts[-1], reps), table.aligned(cins[-1], couts[-1]))
     return table
 
 
 def _factor(measured: float, interpolated: float) -> float:
-    # A misaligned width is never faster than its aligned neighbours' interpolation; a ratio below 1 is noise.
+    # A misaligned width is never faster than the aligned width above it; a ratio below 1 is noise.
     return min(max(measured / max(interpolated, 1e-9), 1.0), 4.0)
 
 
 class _DepthwiseTable(LayerTable):
     """A depthwise layer: one width (input = output = groups)."""
 
-    def __init__(self, spec: ConvSpec, widths: list[int], ms: list[float], odd: float = 1.0) -> None:
-        super().__init__(spec, [spec.cin], widths, [ms], 1.0, odd)
+    def __init__(self, spec: ConvSpec, widths: list[int], ms: list[float], odd: float = 1.0, block: int = 8) -> None:
+        super().__init__(spec, [spec.cin], widths, [ms], 1.0, odd, block)
 
     def aligned(self, cin: int, cout: int) -> float:
         return _interp(min(cin, cout), self.couts, self.ms[0])
@@ -435,8 +569,11 @@ class _DepthwiseTable(LayerTable):
 def table_from_dict(spec: ConvSpec, d: Mapping) -> LayerTable:
     """Return a table read back from its cached dict."""
     if d.get("depthwise"):
-        return _DepthwiseTable(spec, d["cout"], d["ms"][0], d["odd_out"])
-    return LayerTable(spec, d["cin"], d["cout"], d["ms"], d["odd_in"], d["odd_out"])
+        return _DepthwiseTable(spec, d["cout"], d["ms"][0], d["odd_out"], d["block"])
+    return LayerTable(spec, d["cin"], d["cout"], d["ms"], d["odd_in"], d["odd_out"], d["block"])
+
+
+SCALE_RANGE = (0.2, 5.0)  # a layer's in-network / alone ratio outside this is a mismatched node, not a cache effect
 
 
 class LatencyModel:
@@ -451,9 +588,12 @@ class LatencyModel:
                  fixed_out: set[nn.Module] | None = None, progress: bool = False) -> None:
         self.cfg = cfg
         runtime = get_runtime(cfg.runtime, cfg.threads)
+        self.block = runtime.block
         self.specs = conv_specs(model, cfg.imgsz, exclude, fixed_out)
+        names = {m: n for n, m in model.named_modules()}
         keys = sorted({s.key() for s in self.specs.values()})
-        ident = {"version": CACHE_VERSION, **runtime.identity(), "imgsz": cfg.imgsz, "layers": keys}
+        ident = {"version": CACHE_VERSION, **runtime.identity(), "imgsz": cfg.imgsz, "layers": keys,
+                 "names": sorted(names[m] for m in self.specs)}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
         self.path = cfg.cache_path() / f"{cfg.runtime}-{digest}.json"
         self.measured = 0  # table points timed by this build (0 when read from the cache)
@@ -462,7 +602,7 @@ class LatencyModel:
         if cached is not None:
             by_key = {s.key(): s for s in self.specs.values()}
             tables = {k: table_from_dict(by_key[k], cached["tables"][k]) for k in keys}
-            whole, moving = float(cached["whole_ms"]), float(cached["moving_ms"])
+            net = NetProfile(**cached["network"])
             LOGGER.info("latency table read from %s", self.path)
         else:
             tables = {}
@@ -470,18 +610,26 @@ class LatencyModel:
             for k in tqdm(keys, desc=f"latency table ({cfg.runtime}, {cfg.imgsz} px)", disable=not progress):
                 tables[k] = measure_table(runtime, specs[k], cfg.reps)
                 self.measured += 1
-            whole, moving = runtime.time_model_parts(model, cfg.imgsz, max(cfg.reps, 10))
-            _write(self.path, {"identity": ident, "whole_ms": whole, "moving_ms": moving,
-                               "seconds": time.perf_counter() - t0,
+            net = runtime.profile_model(model, cfg.imgsz, max(cfg.reps, 10))
+            _write(self.path, {"identity": ident, "network": asdict(net), "seconds": time.perf_counter() - t0,
                                "tables": {k: t.to_dict() for k, t in tables.items()}})
             LOGGER.info("latency table for %d layers measured in %.0f s, cached in %s", len(keys),
                         time.perf_counter() - t0, self.path)
-        self.tables = {m: tables[s.key()] for m, s in self.specs.items()}
-        self.whole_ms = whole
+        # one table object per conv (layers of one shape share measurements, not their in-network scale)
+        self.tables = {m: copy.copy(tables[s.key()]) for m, s in self.specs.items()}
+        self.whole_ms = net.wall_ms
         self.volume = sum(_volume(m, s) for m, s in self.specs.items())  # feature-map elements the convs write
-        rest = whole - self.layers_ms()
-        self.moving_ms = min(max(moving, 0.0), max(rest, 0.0))  # at full volume
-        self.fixed_ms = rest - self.moving_ms
+        if net.conv_ms:  # a per-node profile: each layer's table scaled to its time inside the network
+            for m, t in self.tables.items():
+                inside = net.conv_ms.get(names[m])
+                alone = t.alone(m.in_channels, m.out_channels)
+                if inside and alone > 0:
+                    t.scale = min(max(inside / alone, SCALE_RANGE[0]), SCALE_RANGE[1])
+            self.moving_ms = net.moving_ms
+            self.fixed_ms = net.wall_ms - self.layers_ms() - self.moving_ms
+        else:  # the whole network's time only: what the layers do not explain is fixed
+            self.moving_ms = 0.0
+            self.fixed_ms = net.wall_ms - self.layers_ms()
 
     def layers_ms(self) -> float:
         """Return the sum of the layers' predicted times at their current widths."""
@@ -532,28 +680,20 @@ def _write(path: Path, data: dict) -> None:
 
 
 def measure_speed_up(base: nn.Module, pruned: nn.Module, imgsz: int, threads: int = 2, rounds: int = 15,
-                     reps: int = 5) -> dict:
-    """Return the measured ONNX Runtime CPU speed-up of ``pruned`` over ``base``: median of paired ratios.
+                     reps: int | None = None) -> dict:
+    """Return the measured ONNX Runtime CPU speed-up of ``pruned`` over ``base`` (``Runtime.speed_up``), with detail.
 
-    Both are exported, then timed in ``rounds`` short rounds, every other one in reverse
-    order, each round's ratio from the two models' fastest of ``reps`` runs, so the machine's
-    drift (other processes, clock changes) cancels in each pair.
+    ``speed_up`` is the ratio of the fastest runs (as ``Runtime.speed_up``); also the median of the rounds'
+    paired ratios, the median times, the ratios' spread, and the speed-up of the sums of each
+    node's fastest time, which a busy machine barely moves (measured with 13 runnable
+    processes on 2 cores: one or two nodes of a 5 ms run took 20-30 ms each).
     """
     rt = OnnxRuntime(threads)
-    sessions = [rt.session(model_onnx(m, imgsz)) for m in (base, pruned)]
-    feeds = [{s.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
-             for s in sessions]
-    ms: list[list[float]] = [[], []]
-    for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for i in order:
-            ms[i].append(_best(lambda i=i: sessions[i].run(None, feeds[i]), reps))
-    ratios = [b / p for b, p in zip(*ms)]
-    # On a machine busy with other work, whole runs are preempted (measured with 13 runnable processes on 2 cores:
-    # one or two nodes of a 5 ms run took 20-30 ms each); the sum of each node's fastest time does not see that.
-    nodes = [rt.time_model(m, imgsz, max(reps, 10)) for m in (base, pruned)]
-    return {"speed_up": statistics.median(ratios), "base_ms": statistics.median(ms[0]),
-            "pruned_ms": statistics.median(ms[1]), "rounds": rounds,
+    base_ms, pruned_ms = rt.paired_times(base, pruned, imgsz, rounds, reps)
+    ratios = [b / p for b, p in zip(base_ms, pruned_ms)]
+    nodes = [sum(rt.node_times(model_onnx(m, imgsz), (1, 3, imgsz, imgsz), 10)[0].values()) for m in (base, pruned)]
+    return {"speed_up": min(base_ms) / min(pruned_ms), "median_ratio": statistics.median(ratios),
+            "base_ms": min(base_ms), "pruned_ms": min(pruned_ms), "rounds": rounds,
             "ratio_iqr": float(np.subtract(*np.percentile(ratios, [75, 25]))) if len(ratios) > 1 else math.nan,
             "node_speed_up": nodes[0] / nodes[1], "node_base_ms": nodes[0], "node_pruned_ms": nodes[1],
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

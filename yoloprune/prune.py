@@ -4,16 +4,21 @@ The loop prunes in ``iterative_steps`` small global (or per-layer) steps and che
 the cost (MACs, or the latency model's prediction) after every pruned group. The group
 that would cross the target is pruned only in part, its least important channels
 first, just enough to reach it, so the target is met within a channel at any
-``iterative_steps``. With ``target: latency`` each group's importance is divided by
-the time one of its channels saves (see ``CostAware``), so the loop prunes where the
-time goes. Output layers are never pruned: every head's final convs
+``iterative_steps``. With ``target: latency`` the cost is the latency model's
+prediction, widths move in whole blocks of the runtime's kernels, and the result is
+timed on the runtime (``verify`` checks): while the measured speed-up is short of the
+target, the prediction is corrected by the measured ratio and pruning goes on
+(``CostAware`` can also divide each group's importance by the time it saves). Output
+layers are never pruned: every head's final convs
 and linears, DFL, the mask prototypes' output conv, and the attention internals
 (see ``AttentionV2``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +45,7 @@ LOGGER = logging.getLogger("yoloprune")
 
 BRANCHES = ("auto", "one2one", "one2many")
 TARGETS = ("macs", "latency")
+FIRST_PASS = 0.7  # target latency with checks: the first pass prunes to speed_up ** this, predicted
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class PruneConfig(Config):
     latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
     cost_power: float = 0.0  # target latency: rank by importance / time saved ** this (0: importance alone)
     calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels
+    verify: int = 4  # target latency: time the result on the runtime up to this many times, pruning on while short
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -95,6 +102,9 @@ class PruneConfig(Config):
             bad(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             bad(f"threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.verify, int) or isinstance(self.verify, bool) or self.verify < 0:
+            bad(f"verify must be an integer >= 0 (latency checks on the runtime; 0: trust the table), "
+                f"got {self.verify!r}")
 
 
 @dataclass
@@ -121,6 +131,8 @@ class PruneReport:
     predicted_base_ms: float | None = None
     predicted_pruned_ms: float | None = None
     predicted_latency_speed_up: float | None = None
+    measured_latency_speed_up: float | None = None  # the last check's, on the runtime (target: latency, verify > 0)
+    latency_checks: list[dict] = field(default_factory=list)  # each check: predicted and measured speed-up
     layers: list[dict] = field(default_factory=list)  # per conv: name, resolution, base and kept width
 
     def to_dict(self) -> dict:
@@ -220,16 +232,19 @@ def prune_model(
     example = torch.randn(1, 3, 64, 64)
     ignored = output_layers(model) + attention_internals(model) + frozen_dfl
     latency = None
+    round_to = cfg.round_to
     if cfg.target == "latency":
+        base_model = copy.deepcopy(model).eval() if cfg.verify else None  # converted, unpruned: the checks' reference
+        # widths in whole blocks of the runtime's kernels: on AVX-512 a conv to 56 channels costs what one to 64 does
+        round_to = math.lcm(cfg.round_to, get_runtime(cfg.runtime, cfg.threads).block)
         latency = LatencyModel(model, LatencyConfig(cfg.runtime, cfg.threads, cfg.imgsz, cache_dir=cfg.latency_cache),
                                exclude=set(unused), fixed_out=set(ignored), progress=progress)
     cost: Cost = latency if latency is not None else counter
     base_cost = cost()
     target = base_cost / cfg.speed_up
-    floor = base_cost / (cfg.speed_up * (1 + cfg.tolerance))  # the cost at the largest accepted speed-up
     importance = method.build()
     if latency is not None:
-        importance = CostAware(importance, latency, cfg.round_to, cfg.cost_power)
+        importance = CostAware(importance, latency, round_to, cfg.cost_power)
     pruner = tp.pruner.BasePruner(
         model,
         example,
@@ -238,7 +253,7 @@ def prune_model(
         pruning_ratio=1.0,
         max_pruning_ratio=cfg.max_layer_ratio,
         iterative_steps=cfg.iterative_steps,
-        round_to=cfg.round_to,
+        round_to=round_to,
         ignored_layers=ignored,
         forward_fn=trace_forward,
     )
@@ -248,30 +263,68 @@ def prune_model(
                        "to use the model's own loss on real training batches", cfg.method)
         loss_fn = _proxy_loss(cfg.seed)
 
-    now, steps, reached = base_cost, 0, False
-    bar = tqdm(range(cfg.iterative_steps), desc=f"prune {cfg.method} -> {cfg.speed_up:g}x {cfg.target}",
-               disable=not progress)
-    for steps in bar:
-        if method.needs_gradients:
-            _accumulate_gradients(model, loss_fn)
-        for group in pruner.step(interactive=True):
-            now = prune_group(pruner, group, cost, target, floor, cfg.round_to)
-            if now <= target:
-                reached = True
+    def prune_to(goal: float, now: float) -> tuple[float, bool]:
+        """Prune group by group, continuing the schedule, until the cost is at most ``goal``; return it and if reached."""
+        low = goal / (1 + cfg.tolerance)  # the cost at the largest accepted speed-up
+        bar = tqdm(total=cfg.iterative_steps, initial=pruner.current_step, disable=not progress,
+                   desc=f"prune {cfg.method} -> {base_cost / goal:.3g}x {cfg.target}")
+        try:
+            while pruner.current_step < cfg.iterative_steps:
+                if method.needs_gradients:
+                    _accumulate_gradients(model, loss_fn)
+                for group in pruner.step(interactive=True):
+                    now = prune_group(pruner, group, cost, goal, low, round_to)
+                    if now <= goal:
+                        return now, True
+                bar.update(1)
+                bar.set_postfix(speed_up=f"{base_cost / now:.3f}")
+            return now, False
+        finally:
+            bar.close()
+
+    checks: list[dict] = []
+    verify = latency is not None and cfg.verify > 0
+    # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): pruning cannot be undone, and the
+    # table can err either way (yolov8n, 640 px: asked 3x, predicted 3.04x, measured 3.3x; 160 px: asked 2x, 2.19x).
+    goal = base_cost / cfg.speed_up ** FIRST_PASS if verify else target
+    now, reached = prune_to(goal, base_cost)
+    if verify:  # measured even where the table says the target is out of reach: it can be pessimistic
+        # The table predicts; the runtime decides: time the network, correct the prediction by the measured ratio
+        # and prune on, until the measured speed-up reaches the target
+        runtime = get_runtime(cfg.runtime, cfg.threads)
+        enough = cfg.speed_up  # not less: a measurement is only good to a few per cent (a shared machine)
+        for i in range(cfg.verify):
+            measured = runtime.speed_up(base_model, model, cfg.imgsz)
+            if measured < enough:  # short: once more, as a slow spell on a shared machine lowers it
+                measured = max(measured, runtime.speed_up(base_model, model, cfg.imgsz))
+            checks.append({"predicted_speed_up": base_cost / now, "measured_speed_up": measured})
+            LOGGER.info("latency check: predicted %.3fx, measured %.3fx on %s", base_cost / now, measured, cfg.runtime)
+            if measured >= enough:
                 break
-        bar.set_postfix(speed_up=f"{base_cost / now:.3f}")
-        if reached:
-            break
-    bar.close()
+            if not reached:  # the table said no more could go, and the runtime agrees
+                raise YoloPruneError(
+                    f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
+                    f"round_to={round_to}: the most pruning reaches {measured:.3f}x measured on {cfg.runtime}; "
+                    "lower the target or raise max_layer_ratio")
+            if i == cfg.verify - 1:
+                LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune on",
+                               cfg.speed_up, measured, cfg.verify)
+                break
+            # the predicted cost at which the measured one would be the target, aimed half the tolerance past it
+            goal = now * measured / (cfg.speed_up * (1 + cfg.tolerance / 2))
+            now, reached = prune_to(goal, now)
+        reached = True
+        target = goal
+    steps = pruner.current_step - 1
     model.zero_grad(set_to_none=True)
     achieved = base_cost / now
     macs = counter()
     if not reached:
         raise YoloPruneError(
             f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
-            f"round_to={cfg.round_to}: the best reachable is {achieved:.3f}x; lower the target or raise max_layer_ratio"
+            f"round_to={round_to}: the best reachable is {achieved:.3f}x; lower the target or raise max_layer_ratio"
         )
-    if achieved / cfg.speed_up - 1 > cfg.tolerance:  # one pruned group jumped past the target
+    if base_cost / target * (1 + cfg.tolerance) < achieved and not checks:  # one group jumped past the target
         raise YoloPruneError(
             f"speed_up {cfg.speed_up:g} overshot: pruning one more channel group jumped to {achieved:.3f}x, more than "
             f"{cfg.tolerance:.0%} past the target; prune in finer steps (raise iterative_steps or lower round_to)"
@@ -279,7 +332,8 @@ def prune_model(
     predicted = {}
     if latency is not None:
         predicted = {"runtime": cfg.runtime, "predicted_base_ms": base_cost, "predicted_pruned_ms": now,
-                     "predicted_latency_speed_up": achieved}
+                     "predicted_latency_speed_up": achieved, "latency_checks": checks,
+                     "measured_latency_speed_up": checks[-1]["measured_speed_up"] if checks else None}
     return PruneReport(
         base_macs=base_macs,
         pruned_macs=macs,
@@ -289,7 +343,7 @@ def prune_model(
         speed_up=achieved,
         method=cfg.method,
         global_pruning=cfg.global_pruning,
-        round_to=cfg.round_to,
+        round_to=round_to,
         imgsz=cfg.imgsz,
         steps=steps + 1,
         seconds=time.perf_counter() - t0,
