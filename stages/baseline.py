@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from yoloprune.config import TrainConfig
+from yoloprune.config import BaselineConfig
 from yoloprune.curves import results_text, tail_gain
 from yoloprune.data import check_data_yaml
 from yoloprune.finetune import can_resume, finetune
@@ -25,8 +25,8 @@ if model.endswith(".pt"):
     write_json({"baseline_epochs": 0, "map50_95_tail_gain": None}, "metrics/baseline.json")  # a trained one's columns
     write_text(results_text([]), CURVES)  # no training, no curve: a header only (the stage declares the file)
 else:
-    b = TrainConfig.from_params(params)
-    settings = b.settings(params["imgsz"])
+    b = BaselineConfig.from_params(params)
+    settings = b.settings(params["imgsz"], model)  # the generation's recipe (optimizer, lr0), then baseline.args
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the same initial weights on every run, so an interrupted run is resumed, not redone
         nc = check_data_yaml(data)["nc"]  # built for the data's classes, as Ultralytics trains from a yaml

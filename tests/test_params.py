@@ -11,14 +11,14 @@ import yaml
 
 from yoloprune.benchmark import BenchmarkConfig
 from yoloprune.cli import build_parser
-from yoloprune.config import Config, DatasetConfig, FinetuneConfig, TrainConfig
+from yoloprune.config import BaselineConfig, Config, DatasetConfig, FinetuneConfig
 from yoloprune.errors import YoloPruneError
 from yoloprune.export import ExportConfig
 from yoloprune.params import SECTIONS, data_yaml, load_params
 from yoloprune.prune import PruneConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = (DatasetConfig, TrainConfig, FinetuneConfig, PruneConfig, ExportConfig, BenchmarkConfig)
+CONFIGS = (DatasetConfig, BaselineConfig, FinetuneConfig, PruneConfig, ExportConfig, BenchmarkConfig)
 
 
 def write(tmp_path, change) -> Path:
@@ -56,6 +56,7 @@ def test_repository_params_build_every_config():
         (lambda p: p.update(speed_up="fast"), "speed_up must be a number, got 'fast'"),
         (lambda p: p.pop("method"), "missing key(s) method"),
         (lambda p: p.update(finetune=[1]), "finetune must be a mapping"),
+        (lambda p: p["baseline"].update(recipe="yolo27"), "baseline recipe 'yolo27' is not known (did you mean"),
     ],
 )
 def test_bad_params_are_named(tmp_path, change, words):
@@ -134,3 +135,18 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("speed_up: [2\n")
     with pytest.raises(YoloPruneError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_baseline_recipe_follows_the_generation_and_args_override_it():
+    params = load_params(REPO / "params.yaml")
+    b = BaselineConfig.from_params(params)
+    assert b.recipe == "auto"
+    v8, v26 = b.settings(160, "configs/yolov8n.yaml"), b.settings(160, "configs/yolo26n.yaml")
+    assert (v8["optimizer"], v8["lr0"]) == ("AdamW", 0.004) and v8["nbs"] == params["baseline"]["args"]["nbs"]
+    assert (v26["optimizer"], v26["lr0"], v26["warmup_bias_lr"]) == ("AdamW", 0.001, 0.0)
+    assert b.settings(160, "configs/yolo12n.yaml")["lr0"] == 0.004  # no recipe of its own: yolov8's
+    params["baseline"].update(recipe="none", args={"lr0": 0.02})
+    assert BaselineConfig.from_params(params).settings(160, "yolo26n.yaml") == {"epochs": params["baseline"]["epochs"],
+                                                                               "imgsz": 160, "batch": 8, "lr0": 0.02}
+    params["baseline"].update(recipe="yolo26", args={"lr0": 0.002})
+    assert BaselineConfig.from_params(params).settings(160, "yolov8n.yaml")["lr0"] == 0.002  # args win

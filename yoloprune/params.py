@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
-from yoloprune.config import DatasetConfig, FinetuneConfig, TrainConfig, check_top_level
+from yoloprune.config import BaselineConfig, DatasetConfig, FinetuneConfig, check_top_level
 from yoloprune.errors import YoloPruneError
 
 # Section name -> the config that owns it, where that config is light enough to import here. The prune, export and
 # benchmark sections are checked by their stages (PruneConfig.from_params, ...): importing those modules here would
 # make every stage depend on them.
-CHECKED = {"dataset": DatasetConfig, "baseline": TrainConfig, "finetune": FinetuneConfig}
+CHECKED = {"dataset": DatasetConfig, "baseline": BaselineConfig, "finetune": FinetuneConfig}
 SECTIONS = (*CHECKED, "prune", "export", "benchmark", "sparsity")
 
 # params `data` value that selects the generated dataset: the dataset stage's output folder, so that dvc.yaml can
