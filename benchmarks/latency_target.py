@@ -84,6 +84,7 @@ for name in args.models:
                     measured_ratio_iqr=measured["ratio_iqr"],
                     node_speed_up=measured["node_speed_up"],  # sums of per-node fastest times: load-proof
                     load_avg_1m=measured["load_avg_1m"],
+                    other_load=measured["other_load"],  # other processes' share of the CPU while timing
                     prediction_error=predicted / measured["speed_up"] - 1,
                     node_prediction_error=predicted / measured["node_speed_up"] - 1,
                     measured_ok=measured["speed_up"] >= MEASURED_MIN.get(asked, 0.975 * asked),

@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from yoloprune.errors import YoloPruneError
-from yoloprune.latency import LatencyConfig, LatencyModel, OnnxRuntime, TorchRuntime, get_runtime
+from yoloprune.latency import LatencyConfig, LatencyModel, OnnxRuntime, OtherLoad, TorchRuntime, get_runtime
 from yoloprune.macs import MacCounter
 from yoloprune.prune import CostAware, PruneConfig
 
@@ -169,6 +169,56 @@ def test_network_profile_names_every_conv_and_scales_the_tables(tmp_path):
     assert lat() == pytest.approx(lat.whole_ms)
 
 
+class Load:
+    """An OtherLoad that reports ``share`` of the CPU used by other processes."""
+
+    share = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    """Every table here is built as on a quiet machine, whatever else runs beside the tests (tests that need a busy
+    one say so)."""
+    monkeypatch.setattr("yoloprune.latency.OtherLoad", Load)
+
+
+def test_other_load_sees_another_process():
+    import subprocess
+    import time
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with OtherLoad() as load:
+            time.sleep(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert load.share > 0.3  # one spinning process on a machine of N cores: 1/N of it (2 cores here: 0.5)
+
+
+def test_a_busy_machine_does_not_prune_on_noise(tmp_path, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import prune_model
+
+    class Busy(Load):
+        share = 0.9
+
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.05)  # what a contended core times
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Busy)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=str(tmp_path), tolerance=0.05)
+    report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    assert len(report.latency_checks) == 1 and report.latency_checks[0]["trusted"] == "table"
+    assert report.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)  # the table's target, not further
+
+
 def test_latency_checks_prune_on_until_the_runtime_measures_the_target(tmp_path, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime
@@ -191,6 +241,7 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(tmp_path,
 
     monkeypatch.setattr(Runtime, "speed_up", slower_than_predicted)
     monkeypatch.setattr(LatencyModel, "__init__", keep)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)  # a quiet machine, whatever else runs beside the tests
     model = load_model("yolov8n.yaml")
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=str(tmp_path), tolerance=0.05)
     report = prune_model(model, cfg, progress=False)

@@ -36,7 +36,7 @@ from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.heads import deployed_branch, head_of
 from yoloprune.importance import TieBreak, get_method
-from yoloprune.latency import RUNTIMES, LatencyConfig, LatencyModel, get_runtime
+from yoloprune.latency import BUSY, RUNTIMES, LatencyConfig, LatencyModel, OtherLoad, get_runtime
 from yoloprune.macs import MacCounter, count_params
 from yoloprune.modules import AAttnV2, AttentionV2
 from yoloprune.runtime import flat_tensors, versions
@@ -294,12 +294,26 @@ def prune_model(
         runtime = get_runtime(cfg.runtime, cfg.threads)
         enough = cfg.speed_up  # not less: a measurement is only good to a few per cent (a shared machine)
         for i in range(cfg.verify):
-            measured = runtime.speed_up(base_model, model, cfg.imgsz)
-            if measured < enough:  # short: once more, as a slow spell on a shared machine lowers it
-                measured = max(measured, runtime.speed_up(base_model, model, cfg.imgsz))
-            checks.append({"predicted_speed_up": base_cost / now, "measured_speed_up": measured})
-            LOGGER.info("latency check: predicted %.3fx, measured %.3fx on %s", base_cost / now, measured, cfg.runtime)
+            with OtherLoad() as load:
+                measured = runtime.speed_up(base_model, model, cfg.imgsz)
+                if measured < enough:  # short: once more, as a slow spell on a shared machine lowers it
+                    measured = max(measured, runtime.speed_up(base_model, model, cfg.imgsz))
+            predicted = base_cost / now
+            checks.append({"predicted_speed_up": predicted, "measured_speed_up": measured, "other_load": load.share})
+            LOGGER.info("latency check: predicted %.3fx, measured %.3fx on %s", predicted, measured, cfg.runtime)
             if measured >= enough:
+                break
+            if load.share > BUSY or latency.other_load > BUSY:
+                # Timings on a busy machine are noise: with a training job on the other core, yolov8n at 160 px timed
+                # under 2x faster check after check until it was pruned to 7.6x fewer MACs and 27 % of its mAP (6.7x
+                # faster on a quiet machine). The table's prediction decides instead.
+                LOGGER.warning("latency check: other processes used %.0f %% of the CPU while timing; the table's "
+                               "prediction decides; prune on a quiet machine for a measured target",
+                               100 * max(load.share, latency.other_load))
+                checks[-1]["trusted"] = "table"
+                goal = target
+                if now > target:
+                    now, reached = prune_to(target, now)
                 break
             if not reached:  # the table said no more could go, and the runtime agrees
                 raise YoloPruneError(
