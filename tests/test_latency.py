@@ -181,6 +181,12 @@ class Load:
         return None
 
 
+@pytest.fixture(scope="module")
+def yolo_tables(tmp_path_factory):
+    """One latency-table folder for the tests that prune yolov8n at 64 px: the table is built once."""
+    return str(tmp_path_factory.mktemp("tables"))
+
+
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch):
     """Every table here is built as on a quiet machine, whatever else runs beside the tests (tests that need a busy
@@ -203,7 +209,7 @@ def test_other_load_sees_another_process():
     assert load.share > 0.3  # one spinning process on a machine of N cores: 1/N of it (2 cores here: 0.5)
 
 
-def test_a_busy_machine_does_not_prune_on_noise(tmp_path, monkeypatch):
+def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
@@ -213,13 +219,13 @@ def test_a_busy_machine_does_not_prune_on_noise(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.05)  # what a contended core times
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Busy)
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=str(tmp_path), tolerance=0.05)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert len(report.latency_checks) == 1 and report.latency_checks[0]["trusted"] == "table"
     assert report.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)  # the table's target, not further
 
 
-def test_latency_checks_prune_on_until_the_runtime_measures_the_target(tmp_path, monkeypatch):
+def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime
     from yoloprune.prune import FIRST_PASS, prune_model
@@ -243,7 +249,7 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(tmp_path,
     monkeypatch.setattr(LatencyModel, "__init__", keep)
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)  # a quiet machine, whatever else runs beside the tests
     model = load_model("yolov8n.yaml")
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=str(tmp_path), tolerance=0.05)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05)
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
     assert checks[0]["predicted_speed_up"] == pytest.approx(1.5 ** FIRST_PASS, rel=0.06)  # the first pass stops short
