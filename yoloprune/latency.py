@@ -209,7 +209,7 @@ class Runtime:
 
     def time_model(self, model: nn.Module, imgsz: int, reps: int) -> float:
         """Return the time in ms of one batch-1 inference of ``model`` (minimum over ``reps`` runs)."""
-        return self.profile_model(model, imgsz, reps).wall_ms
+        return _best(self.runner(model, imgsz), reps, self.torch_device)
 
     def profile_model(self, model: nn.Module, imgsz: int, reps: int) -> NetProfile:
         """Return the whole network's time, split into its convolutions, volume-bound ops and the rest."""
@@ -315,8 +315,8 @@ class OnnxRuntime(Runtime):
         return self.ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def node_times(self, model_bytes: bytes, shape: tuple[int, ...], reps: int) -> tuple[dict[str, float],
-                                                                                            dict[str, str], float]:
-        """Return each node's fastest kernel time (ms) over ``reps`` profiled runs, the nodes' ops and the fastest run.
+                                                                                            dict[str, str]]:
+        """Return each node's fastest kernel time (ms) over ``reps`` profiled runs, and the nodes' ops.
 
         Node times last microseconds to milliseconds and are timed on the same footing in
         the table and in the network; a whole run of a 640-px network is long enough to be
@@ -325,11 +325,9 @@ class OnnxRuntime(Runtime):
         """
         import tempfile
 
-        plain = self.session(model_bytes)  # the profiler adds time to every node: whole runs are timed without it
-        x = {plain.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
-        wall = time_calls(lambda: plain.run(None, x), 2, reps, CPU)
         with tempfile.TemporaryDirectory() as tmp:
             session = self.session(model_bytes, profile=str(Path(tmp) / "profile"))
+            x = {session.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
             for _ in range(reps + 2):
                 session.run(None, x)
             events = json.loads(Path(session.end_profiling()).read_text())
@@ -341,21 +339,23 @@ class OnnxRuntime(Runtime):
                 runs.setdefault(name, []).append(e["dur"] / 1000)
                 ops[name] = e.get("args", {}).get("op_name", "")
         best = {k: min(v[2:] or v) for k, v in runs.items()}  # the first two runs are warm-up
-        return best, ops, min(wall)
+        return best, ops
 
-    def runner(self, model: nn.Module, imgsz: int) -> Callable[[], object]:
-        session = self.session(model_onnx(model, imgsz))
+    def runner(self, model: nn.Module | bytes, imgsz: int) -> Callable[[], object]:
+        """Return a call running ``model`` (a module, or its ONNX bytes) in a session without the profiler."""
+        session = self.session(model if isinstance(model, bytes) else model_onnx(model, imgsz))
         x = {session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
         return lambda: session.run(None, x)
 
     def time_conv(self, spec: ConvSpec, cin: int, cout: int, reps: int) -> float:
         """Return the convolution kernel's own time, as the profiler reports it inside a network (no reorders)."""
-        best, ops, _ = self.node_times(conv_onnx(spec, cin, cout), (1, cin, spec.height, spec.width), reps)
+        best, ops = self.node_times(conv_onnx(spec, cin, cout), (1, cin, spec.height, spec.width), reps)
         return sum(t for k, t in best.items() if ops[k] == "Conv")
 
     def profile_model(self, model: nn.Module, imgsz: int, reps: int) -> NetProfile:
         onnx_bytes, names = model_onnx_named(model, imgsz)
-        best, ops, wall = self.node_times(onnx_bytes, (1, 3, imgsz, imgsz), reps)
+        best, ops = self.node_times(onnx_bytes, (1, 3, imgsz, imgsz), reps)
+        wall = _best(self.runner(onnx_bytes, imgsz), reps)  # the profiler adds time to every node: timed without it
         conv_ms: dict[str, float] = {}
         for node, module in names.items():  # a conv's node keeps its name, or is renamed after its output
             t = best.pop(node, 0.0) + best.pop(f"{node}_nchwc", 0.0)

@@ -220,7 +220,7 @@ def prune_model(
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     if cfg.target == "latency":
-        get_runtime(cfg.runtime, cfg.threads)  # a missing runtime or GPU fails now, not after converting the model
+        runtime = get_runtime(cfg.runtime, cfg.threads)  # a missing runtime or GPU fails now, not after converting
     torch.manual_seed(cfg.seed)
     prepare(model)
     frozen_dfl = [m for m in model.modules() if type(m).__name__ == "DFL"]
@@ -236,7 +236,7 @@ def prune_model(
     if cfg.target == "latency":
         base_model = copy.deepcopy(model).eval() if cfg.verify else None  # converted, unpruned: the checks' reference
         # widths in whole blocks of the runtime's kernels: on AVX-512 a conv to 56 channels costs what one to 64 does
-        round_to = math.lcm(cfg.round_to, get_runtime(cfg.runtime, cfg.threads).block)
+        round_to = math.lcm(cfg.round_to, runtime.block)
         latency = LatencyModel(model, LatencyConfig(cfg.runtime, cfg.threads, cfg.imgsz, cache_dir=cfg.latency_cache),
                                exclude=set(unused), fixed_out=set(ignored), progress=progress)
     cost: Cost = latency if latency is not None else counter
@@ -291,7 +291,6 @@ def prune_model(
     if verify:  # measured even where the table says the target is out of reach: it can be pessimistic
         # The table predicts; the runtime decides: time the network, correct the prediction by the measured ratio
         # and prune on, until the measured speed-up reaches the target
-        runtime = get_runtime(cfg.runtime, cfg.threads)
         enough = cfg.speed_up  # not less: a measurement is only good to a few per cent (a shared machine)
         for i in range(cfg.verify):
             with OtherLoad() as load:
@@ -311,7 +310,6 @@ def prune_model(
                                "prediction decides; prune on a quiet machine for a measured target",
                                100 * max(load.share, latency.other_load))
                 checks[-1]["trusted"] = "table"
-                goal = target
                 if now > target:
                     now, reached = prune_to(target, now)
                 break
@@ -328,7 +326,6 @@ def prune_model(
             goal = now * measured / (cfg.speed_up * (1 + cfg.tolerance / 2))
             now, reached = prune_to(goal, now)
         reached = True
-        target = goal
     steps = pruner.current_step - 1
     model.zero_grad(set_to_none=True)
     achieved = base_cost / now
@@ -338,7 +335,7 @@ def prune_model(
             f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
             f"round_to={round_to}: the best reachable is {achieved:.3f}x; lower the target or raise max_layer_ratio"
         )
-    if base_cost / target * (1 + cfg.tolerance) < achieved and not checks:  # one group jumped past the target
+    if not checks and achieved / cfg.speed_up - 1 > cfg.tolerance:  # one pruned group jumped past the target
         raise YoloPruneError(
             f"speed_up {cfg.speed_up:g} overshot: pruning one more channel group jumped to {achieved:.3f}x, more than "
             f"{cfg.tolerance:.0%} past the target; prune in finer steps (raise iterative_steps or lower round_to)"
