@@ -6,14 +6,15 @@ exit_on_error()  # first: an entry point (Ultralytics offline before anything im
 
 import json
 
-from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table, tradeoff_points
+from yoloprune.benchmark import BenchmarkConfig, benchmark_many, compare, format_table, tradeoff_points
 from yoloprune.io import atomic_path, write_json
 from yoloprune.params import data_yaml, load_params
 
 params = load_params()
 cfg = BenchmarkConfig.from_params(params, runtime="onnx", data=str(data_yaml(params)))
-base, tuned = benchmark("models/baseline.pt", cfg), benchmark("models/finetuned.pt", cfg)
-control = benchmark("models/control.pt", cfg)  # the baseline fine-tuned alike, unpruned (stage control)
+# timed taking turns (time_interleaved): a slow spell of the machine cannot land on one of them only; control: the baseline
+# fine-tuned alike, unpruned (stage control)
+base, tuned, control = benchmark_many(["models/baseline.pt", "models/finetuned.pt", "models/control.pt"], cfg)
 cmp = compare(base, tuned)
 print(format_table(cmp))
 vs_control = compare(control, tuned).get("map50_95_retention_pct")

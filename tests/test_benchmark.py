@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -14,12 +15,12 @@ import torch
 import yaml
 from conftest import live_model
 
-from yoloprune.benchmark import BenchmarkConfig, benchmark, compare, format_table
+from yoloprune.benchmark import BenchmarkConfig, benchmark, benchmark_many, compare, format_table
 from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter, deployed_branch
 from yoloprune.prune import PruneConfig, prune_model
-from yoloprune.runtime import resolve_device
+from yoloprune.runtime import resolve_device, time_interleaved
 
 IMGSZ = 128
 FAST = {"imgsz": IMGSZ, "warmup": 2, "iters": 5, "threads": 1}
@@ -55,6 +56,37 @@ def test_torch_report_has_sane_json_ready_values(v8):
     assert math.isclose(report["file_mb"], os.path.getsize(v8["base"]) / 2**20)
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["cpu"] and report["machine"]["platform"]
     assert {"torch", "ultralytics", "yoloprune", "torch_pruning"} <= set(report["versions"])
+
+
+def test_models_are_timed_taking_turns_so_a_slow_spell_does_not_skew_them():
+    calls: list[str] = []
+    spell = range(21, 27)  # a slow spell of the machine, in the middle of the timing: one turn long
+
+    def run(name: str):
+        def call():
+            calls.append(name)
+            time.sleep((0.001 if name == "small" else 0.002) + (0.004 if len(calls) in spell else 0))
+        return call
+
+    big, small = time_interleaved([run("big"), run("small")], warmup=1, iters=12, device=torch.device("cpu"),
+                                  rounds=3, settle=2)
+    assert len(big) == len(small) == 12
+    # warm-up, then rounds: each turn 2 untimed calls (ONNX Runtime's threads spin on after a run) and 4 timed ones,
+    # every other round in reverse order
+    turns = [calls[i] for i in range(2, len(calls), 6)]
+    assert calls[:2] == ["big", "small"] and turns == ["big", "small", "small", "big", "big", "small"]
+    assert len(calls) == 2 + 3 * 2 * (2 + 4)
+    # one turn of three slowed: the medians, and their ratio, hold (2x, give or take the sleeps)
+    assert 1.5 < np.median(big) / np.median(small) < 2.6
+    assert time_interleaved([run("one")], warmup=0, iters=3, device=torch.device("cpu")) and calls[-3:] == ["one"] * 3
+
+
+def test_benchmark_many_reports_each_model_as_benchmark_does(v8):
+    both = benchmark_many([v8["base"], v8["pruned"]], **FAST)
+    alone = benchmark(v8["pruned"], **FAST)
+    assert [r["model"] for r in both] == [str(v8["base"]), str(v8["pruned"])]
+    assert set(both[1]) == set(alone) and both[1]["macs"] == alone["macs"] and both[1]["params"] == alone["params"]
+    assert both[0]["macs"] > both[1]["macs"] and all(r["iters"] == FAST["iters"] for r in both)
 
 
 def test_thread_count_is_restored(v8):

@@ -253,7 +253,9 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
     assert checks[0]["predicted_speed_up"] == pytest.approx(1.5 ** FIRST_PASS, rel=0.06)  # the first pass stops short
-    assert len(checks) >= 2 and checks[-1]["measured_speed_up"] >= 1.5 / 1.05  # pruned on until measured
+    # pruned on until measured a tolerance past the target (a measurement is good to a few per cent)
+    assert len(checks) >= 2 and checks[-1]["measured_speed_up"] >= 1.5 * (1 + cfg.tolerance)
+    assert all(c["measured_speed_up"] < 1.5 * (1 + cfg.tolerance) for c in checks[:-1])
     assert all(c["measured_speed_up"] < c["predicted_speed_up"] for c in checks)
     assert report.measured_latency_speed_up == checks[-1]["measured_speed_up"]
     assert report.round_to % OnnxRuntime(2).block == 0  # widths in whole blocks of the runtime's kernels

@@ -36,6 +36,7 @@ LOGGER = logging.getLogger("tools.study")
 
 PREFIX = "study-"  # DVC experiment names are PREFIX + Experiment.name: the study's, among everyone else's
 OUT_DIR = Path("docs")  # results.md and results.png; the table and the controls under OUT_DIR / "study"
+TIMED = OUT_DIR / "study" / "latency.csv"  # `latency`'s timings of each run, alone: they replace the pipeline's
 JOBS = 2  # experiments at once, one training thread each (PROFILE): measured 6-32 % more steps/s than one 2-thread run
 # Every experiment's overrides before its own: one training thread per job, and steadier latency medians on a shared
 # CPU. The baselines train as params.yaml has it (60 epochs, not a plateau): retention against each run's control
@@ -44,21 +45,25 @@ PROFILE: dict[str, Any] = {"baseline.threads": 1, "finetune.threads": 1, "benchm
                            "benchmark.warmup": 10}
 BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")  # equal values: one baseline, shared
 GENERATIONS = ("configs/yolov8n.yaml", "configs/yolo11n.yaml", "configs/yolo26n.yaml")  # Ultralytics' yamls
-SPEED_UPS = (2.0, 3.0)
-VARIANTS = (("macs", "none"), ("latency", "none"))  # (prune.target, finetune.distill.method), at each speed-up
-DISTILLED = (("macs", "both", 2.0),)  # then per generation: (target, distillation, speed-up)
+SEEDS = (0, 1, 2)  # baseline training seeds (Ultralytics' seed): each trains its own baseline and control
+# (speed-up, prune.target, finetune.distill.method, fine-tune epochs or None for params.yaml's) per generation and seed
+EVERY_SEED = ((2.0, "macs", "none", None), (3.0, "macs", "none", 20))  # issue 24's bars: 2x at 10 epochs, 3x at 20
+# seed 0 only: 3x at 10 epochs, so that the MACs target's 2x and 3x bracket the latency target's 2x (accuracy at equal
+# measured latency, equal fine-tune), and distillation (cwd: the best of the probes) at both bars
+FIRST_SEED = ((3.0, "macs", "none", None), (2.0, "latency", "none", None), (2.0, "macs", "cwd", None),
+              (3.0, "macs", "cwd", 20))
 BASELINE_OUT = "models/baseline.pt"
-TABLE = ["experiment", "kind", "model", "method", "speed_up", "target", "ft_epochs", "distill", "map50_95",
+TABLE = ["experiment", "kind", "model", "seed", "method", "speed_up", "target", "ft_epochs", "distill", "map50_95",
          "base_map50_95", "control_map50_95", "retention", "retention_vs_control", "macs_speed_up", "latency_speed_up",
-         "predicted_latency_speed_up", "latency_ms", "base_latency_ms", "commit"]
+         "predicted_latency_speed_up", "latency_ms", "base_latency_ms", "latency_timed", "commit"]
 METRICS = {"map50_95": "finetuned_map50_95", "base_map50_95": "baseline_map50_95",
            "control_map50_95": "control_map50_95", "macs_speed_up": "macs_speed_up",
            "latency_speed_up": "latency_speed_up", "predicted_latency_speed_up": "predicted_latency_speed_up",
            "latency_ms": "finetuned_latency_ms", "base_latency_ms": "baseline_latency_ms"}
 # table column -> metric key (metrics/benchmark.json first)
-PARAMS = {"model": "model", "method": "method", "speed_up": "speed_up", "target": "prune.target",
+PARAMS = {"model": "model", "seed": "baseline.args.seed", "method": "method", "speed_up": "speed_up", "target": "prune.target",
           "ft_epochs": "finetune.epochs", "distill": "finetune.distill.method"}  # table column -> params.yaml key
-ABSENT = {"target": "macs", "distill": "none"}  # what a run from before these params existed did
+ABSENT = {"target": "macs", "distill": "none", "seed": 0}  # what a run from before these params existed did
 
 
 def family(model: str) -> str:
@@ -81,15 +86,22 @@ class Experiment:
     target: str = "macs"
     distill: str = "none"
     ft_epochs: int | None = None
+    seed: int = 0  # the baseline's training seed; 0: params.yaml's (Ultralytics' default)
 
     @property
     def name(self) -> str:
-        """Return the short name: ``v8n-lamp-2x``, ``11n-lamp-3x-latency-both``, ``v8n-lamp-2x-ft20``."""
+        """Return the short name: ``v8n-lamp-2x``, ``11n-lamp-3x-latency-both``, ``v8n-lamp-3x-ft20-s1``."""
         parts = [family(self.model), self.method, f"{self.speed_up:g}x"]
         parts += [self.target] if self.target != "macs" else []
         parts += [self.distill] if self.distill != "none" else []
         parts += [f"ft{self.ft_epochs}"] if self.ft_epochs is not None else []
+        parts += [f"s{self.seed}"] if self.seed else []
         return "-".join(parts)
+
+    @property
+    def alone(self) -> bool:
+        """Return whether the run must have the CPU to itself: the latency target times the network while pruning."""
+        return self.target == "latency"
 
     @property
     def dvc_name(self) -> str:
@@ -100,7 +112,8 @@ class Experiment:
         """Return every ``-S`` override: the profile's, then this experiment's dimensions."""
         own = {"model": self.model, "speed_up": self.speed_up, "method": self.method, "prune.target": self.target,
                "finetune.distill.method": self.distill}
-        return {**PROFILE, **own, **({"finetune.epochs": self.ft_epochs} if self.ft_epochs is not None else {})}
+        own |= {"finetune.epochs": self.ft_epochs} if self.ft_epochs is not None else {}
+        return {**PROFILE, **own, **({"baseline.args.seed": self.seed} if self.seed else {})}
 
     def command(self) -> list[str]:
         """Return the ``dvc`` argv (after ``dvc``) that queues this experiment."""
@@ -114,10 +127,12 @@ class Experiment:
 
 
 def sweep() -> list[Experiment]:
-    """Return the study's experiments: per generation each (target, distill) variant at each speed-up, then the
-    distilled ones; a generation's first row trains its baseline."""
-    rows = [Experiment(m, s, target=t, distill=d) for m in GENERATIONS for t, d in VARIANTS for s in SPEED_UPS]
-    return rows + [Experiment(m, s, target=t, distill=d) for m in GENERATIONS for t, d, s in DISTILLED]
+    """Return the study's experiments: per generation and seed the ``EVERY_SEED`` rows, then seed 0's
+    ``FIRST_SEED`` rows; the first row of a generation and seed trains its baseline."""
+    rows = [Experiment(m, s, target=t, distill=d, ft_epochs=e, seed=seed)
+            for m in GENERATIONS for seed in SEEDS for s, t, d, e in EVERY_SEED]
+    return rows + [Experiment(m, s, target=t, distill=d, ft_epochs=e) for m in GENERATIONS
+                   for s, t, d, e in FIRST_SEED]
 
 
 # --- DVC ---------------------------------------------------------------------------------------------------------
@@ -210,9 +225,11 @@ def dvc(*args: str, repo: str | Path = ".") -> None:
                              "run `make study` again")
 
 
-def ready(experiments: Sequence[Experiment], records: Iterable[Record], skip: Iterable[str] = ()) -> list[Experiment]:
+def ready(experiments: Sequence[Experiment], records: Iterable[Record], skip: Iterable[str] = (),
+          alone: bool | None = None) -> list[Experiment]:
     """Return the experiments to queue now: neither finished, queued, running nor in ``skip``, whose baseline is
-    trained or that are the first to train it, so that two workers never train one baseline twice."""
+    trained or that are the first to train it, so that two workers never train one baseline twice; only those whose
+    ``alone`` is ``alone``, unless that is None."""
     records = list(records)
     done = {r.name for r in records if r.finished}
     busy = {r.name for r in records if r.state in (QUEUED, RUNNING)} | set(skip)
@@ -221,16 +238,17 @@ def ready(experiments: Sequence[Experiment], records: Iterable[Record], skip: It
     out = []
     for e in experiments:
         key = e.baseline_key()
-        if e.dvc_name in done | busy or (key not in trained and key in claimed):
+        if (alone is not None and e.alone != alone) or e.dvc_name in done | busy or (key not in trained and key in claimed):
             continue
         claimed.add(key)
         out.append(e)
     return out
 
 
-def queue(experiments: Sequence[Experiment], repo: str | Path = ".", skip: Iterable[str] = ()) -> list[Experiment]:
+def queue(experiments: Sequence[Experiment], repo: str | Path = ".", skip: Iterable[str] = (),
+          alone: bool | None = None) -> list[Experiment]:
     """Queue the ``ready`` experiments; return them."""
-    todo = ready(experiments, current(parse_exp_show(exp_show(repo)), repo), skip)
+    todo = ready(experiments, current(parse_exp_show(exp_show(repo)), repo), skip, alone)
     for e in todo:
         dvc(*e.command(), repo=repo)
     LOGGER.info("queued %d experiment(s): %s", len(todo), ", ".join(e.name for e in todo) or "none")
@@ -239,13 +257,15 @@ def queue(experiments: Sequence[Experiment], repo: str | Path = ".", skip: Itera
 
 def run(experiments: Sequence[Experiment], repo: str | Path = ".", jobs: int = JOBS) -> list[str]:
     """Queue and run until every experiment finished or was tried once; return the names of those that did not
-    finish. Each round runs the whole queue (``dvc exp run --run-all``, which waits for it)."""
+    finish. Each round runs the whole queue (``dvc exp run --run-all``, which waits for it): first the experiments
+    that may share the CPU, ``jobs`` at a time, then those that must have it to themselves (``alone``), one by one."""
     tried: set[str] = set()
-    while True:
-        tried |= {e.dvc_name for e in queue(experiments, repo, skip=tried)}
-        dvc("exp", "run", "--run-all", "-j", str(jobs), repo=repo)
-        if not ready(experiments, current(parse_exp_show(exp_show(repo)), repo), skip=tried):
-            break
+    for alone in (False, True):
+        while True:
+            tried |= {e.dvc_name for e in queue(experiments, repo, skip=tried, alone=alone)}
+            dvc("exp", "run", "--run-all", "-j", "1" if alone else str(jobs), repo=repo)
+            if not ready(experiments, current(parse_exp_show(exp_show(repo)), repo), skip=tried, alone=alone):
+                break
     return list(missing(current(parse_exp_show(exp_show(repo)), repo), experiments))
 
 
@@ -257,6 +277,39 @@ def missing(records: Iterable[Record], experiments: Sequence[Experiment]) -> dic
     return {e.name: states.get(e.dvc_name, "not queued") for e in experiments if states.get(e.dvc_name) != "done"}
 
 
+def time_alone(records: Iterable[Record], experiments: Sequence[Experiment], repo: str | Path = ".",
+               rounds: int = 15, threads: int = 2) -> pd.DataFrame:
+    """Return each finished run's ONNX Runtime CPU latency and its baseline's, timed now, interleaved, one pair at a
+    time: the pipeline's figures of runs that ran two at a time were taken while the other one trained. ``latency_ms``
+    is the fastest of ``rounds`` rounds (as the latency target's checks); ``other_load`` the share of the CPU other
+    processes used meanwhile (above ``BUSY`` the figure is not to be trusted, and a warning says so)."""
+    import dvc.api
+
+    from yoloprune.latency import BUSY, OnnxRuntime, OtherLoad
+
+    runtime, rows = OnnxRuntime(threads), []
+    for r in newest_runs(records, experiments):
+        size = r.param("imgsz")
+        onnx = [dvc.api.read(f"models/{m}_{size}_b1.onnx", repo=str(repo), rev=r.rev, mode="rb")
+                for m in ("baseline", "finetuned")]
+        with OtherLoad() as load:
+            base_ms, pruned_ms = runtime.paired_times(onnx[0], onnx[1], size, rounds)
+        if load.share > BUSY:
+            LOGGER.warning("%s: other processes used %.0f %% of the CPU while it was timed; time it again on a quiet "
+                           "machine", r.name, 100 * load.share)
+        rows.append({"experiment": r.name.removeprefix(PREFIX), "rev": r.rev, "base_latency_ms": min(base_ms),
+                     "latency_ms": min(pruned_ms), "latency_speed_up": min(base_ms) / min(pruned_ms),
+                     "rounds": rounds, "threads": threads, "other_load": load.share})
+        LOGGER.info("%s: %.2f ms -> %.2f ms, %.2fx", rows[-1]["experiment"], min(base_ms), min(pruned_ms),
+                    rows[-1]["latency_speed_up"])
+    return pd.DataFrame(rows)
+
+
+def read_timed(path: str | Path = TIMED) -> pd.DataFrame | None:
+    """Return ``latency``'s table, or None where there is none yet."""
+    return pd.read_csv(path, dtype={"rev": str}) if Path(path).is_file() else None
+
+
 # --- the table, the front, the plot, the report ---------------------------------------------------------------------
 
 def percent(part: float, whole: float) -> float:
@@ -264,18 +317,33 @@ def percent(part: float, whole: float) -> float:
     return 100 * part / whole if whole and math.isfinite(whole) else math.nan
 
 
-def table(records: Iterable[Record], experiments: Sequence[Experiment]) -> pd.DataFrame:
-    """Return one row per finished experiment of the sweep (its newest run), in sweep order."""
+def newest_runs(records: Iterable[Record], experiments: Sequence[Experiment]) -> list[Record]:
+    """Return the newest finished run of each experiment of the sweep, in sweep order."""
     order = {e.dvc_name: i for i, e in enumerate(experiments)}
     newest: dict[str, Record] = {}
     for r in records:  # exp show lists the newest commit's runs first
         if r.name in order and r.finished and r.name not in newest:
             newest[r.name] = r
-    rows = [{"experiment": r.name.removeprefix(PREFIX), "kind": "pruned", "commit": r.baseline[:12],
-             **{c: r.param(k) if r.param(k) is not None else ABSENT.get(c) for c, k in PARAMS.items()},
-             **{c: r.metric(k) for c, k in METRICS.items()}} for r in sorted(newest.values(), key=lambda r: order[r.name])]
+    return sorted(newest.values(), key=lambda r: order[r.name])
+
+
+def table(records: Iterable[Record], experiments: Sequence[Experiment], timed: pd.DataFrame | None = None
+          ) -> pd.DataFrame:
+    """Return one row per finished experiment of the sweep (its newest run), in sweep order; ``timed`` (``latency``'s
+    table) replaces the pipeline's latency figures of the runs it timed (same experiment commit)."""
+    quiet = {} if timed is None else {(t.experiment, t.rev): t for t in timed.itertuples()}
+    rows = []
+    for r in newest_runs(records, experiments):
+        row = {"experiment": r.name.removeprefix(PREFIX), "kind": "pruned", "commit": r.baseline[:12],
+               "latency_timed": "pipeline", **{c: r.param(k) if r.param(k) is not None else ABSENT.get(c)
+                                               for c, k in PARAMS.items()},
+               **{c: r.metric(k) for c, k in METRICS.items()}}
+        if (t := quiet.get((row["experiment"], r.rev))) is not None:
+            row.update(latency_ms=t.latency_ms, base_latency_ms=t.base_latency_ms,
+                       latency_speed_up=t.latency_speed_up, latency_timed="alone")
+        rows.append(row)
     df = pd.DataFrame(rows, columns=TABLE)
-    for c in ("speed_up", "ft_epochs", *METRICS):
+    for c in ("speed_up", "ft_epochs", "seed", *METRICS):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["retention"] = [percent(m, b) for m, b in zip(df["map50_95"], df["base_map50_95"], strict=True)]
     df["retention_vs_control"] = [percent(m, c) for m, c in zip(df["map50_95"], df["control_map50_95"], strict=True)]
@@ -335,7 +403,7 @@ def plot(df: pd.DataFrame, path: str | Path) -> Path:
     for ax, fam in zip(axes[0], families, strict=False):
         mine = pruned.assign(variant=labels)[pruned["family"] == fam]
         for v, g in mine.groupby("variant", sort=False):
-            g = g.sort_values("speed_up")
+            g = g.groupby("speed_up", as_index=False)[["latency_ms", "map50_95"]].mean()  # over seeds
             handles[v], = ax.plot(g["latency_ms"], g["map50_95"], "o-", color=colours[v], ms=5, lw=1.2)
         b = pts[(pts["family"] == fam) & (pts["kind"] == "baseline")]
         handles["baseline (unpruned)"] = ax.scatter(b["latency_ms"], b["map50_95"], marker="*", s=240, c="gold",
@@ -366,6 +434,25 @@ SHOWN = {"experiment": "experiment", "map50_95": "mAP50-95", "base_map50_95": "b
          "macs_speed_up": "MACs ×", "latency_speed_up": "latency ×", "latency_ms": "latency ms"}
 
 
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Return each setting's runs across seeds: how many, mean and lowest retention against the control, mean
+    retention against the baseline, mean MACs and latency speed-ups."""
+    pruned = df[df["kind"] == "pruned"].assign(family=df["model"].map(family))
+    keys = ["family", "speed_up", "target", "ft_epochs", "distill"]
+    g = pruned.groupby(keys, sort=False, dropna=False)
+    out = g.agg(seeds=("experiment", "size"), vs_control_mean=("retention_vs_control", "mean"),
+                vs_control_min=("retention_vs_control", "min"), vs_control_sd=("retention_vs_control", "std"),
+                retention_mean=("retention", "mean"), macs_speed_up=("macs_speed_up", "mean"),
+                latency_speed_up=("latency_speed_up", "mean"))
+    return out.reset_index()
+
+
+SUMMARY = {"family": "model", "speed_up": "asked ×", "target": "target", "ft_epochs": "ft epochs",
+           "distill": "distill", "seeds": "seeds", "vs_control_mean": "vs control % (mean)",
+           "vs_control_min": "lowest %", "vs_control_sd": "sd", "retention_mean": "vs baseline %",
+           "macs_speed_up": "MACs ×", "latency_speed_up": "latency ×"}
+
+
 def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
     """Return ``results.md``: provenance, the plot, the Pareto front and the table of every run."""
     pts = points(df)
@@ -374,7 +461,9 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
     lines = ["# Pruning study: accuracy and real speed", "",
              "<!-- Generated by `python -m tools.study report` from docs/study/experiments.csv; do not edit. -->", "",
              (f"{len(df)} runs from the pipeline (`dvc.yaml`) as DVC experiments of commit(s) {commits}. mAP50-95 on "
-              "the validation split with ONNX Runtime; latency: the median ONNX Runtime CPU forward pass at batch 1; "
+              "the validation split with ONNX Runtime; latency: ONNX Runtime CPU at batch 1, 2 threads, each run and its "
+              "baseline timed alone by `python -m tools.study latency` (fastest of 15 interleaved rounds; "
+              "`latency_timed` in the table says which runs were), else the benchmark stage's median; "
               "retention: fine-tuned mAP50-95 as % of the run's own baseline (NaN where that is 0); vs control: as % of "
               "the control, the same baseline fine-tuned as long without pruning (equal training budget)."), ""]
     if missing_runs:
@@ -382,7 +471,11 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
     lines += ["![mAP50-95 vs latency, one panel per generation](results.png)", "", "## Pareto front", "",
               "Per generation, no other model of it is at least as fast and as accurate:", "",
               front.rename(columns={"label": "model", "latency_ms": "latency ms", "map50_95": "mAP50-95"})
-              .to_markdown(index=False, floatfmt=".3f"), "", "## Every run", "",
+              .to_markdown(index=False, floatfmt=".3f"), "", "## Across seeds", "",
+              "Each setting's runs, one per baseline training seed; retention as % of each run's own control:", "",
+              summary(df).rename(columns=SUMMARY).to_markdown(
+                  index=False, floatfmt=("", "g", "", "g", "", "d", ".1f", ".1f", ".1f", ".1f", ".2f", ".2f")), "",
+              "## Every run", "",
               df[list(SHOWN)].rename(columns=SHOWN)
               .to_markdown(index=False, floatfmt=("", ".3f", ".3f", ".3f", ".1f", ".1f", ".2f", ".2f", ".2f")),
               "",
@@ -409,7 +502,8 @@ def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: s
            ) -> tuple[Path, Path]:
     """Collect the finished experiments (DVC's API) and write the report."""
     records = current(parse_exp_show(exp_show(repo)), repo)
-    return write_report(table(records, experiments), out_dir, missing(records, experiments))
+    timed = read_timed(Path(out_dir) / "study" / TIMED.name)
+    return write_report(table(records, experiments, timed), out_dir, missing(records, experiments))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -428,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("plan", help="print the experiments' queue commands")
     sub.add_parser("queue", help="queue the missing experiments that are ready")
     sub.add_parser("run", help=f"queue and run ({JOBS} at a time) until every experiment was tried")
+    lat = sub.add_parser("latency", help=f"time every finished run and its baseline alone, into {TIMED}")
+    lat.add_argument("--rounds", type=int, default=15, help="interleaved rounds per pair (the fastest counts)")
     rep = sub.add_parser("report", help="write docs/study/experiments.csv, docs/results.md and docs/results.png")
     rep.add_argument("--csv", help="redraw from this experiments.csv instead of collecting from DVC")
     args = parser.parse_args(argv)
@@ -441,6 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             if failed := run(experiments):
                 LOGGER.warning("not finished: %s (`dvc queue logs NAME` says why)", ", ".join(failed))
+        elif args.command == "latency":
+            out = Path(args.out) / "study" / TIMED.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            time_alone(current(parse_exp_show(exp_show()), "."), experiments, rounds=args.rounds).to_csv(
+                out, index=False, float_format="%.6g")
+            LOGGER.info("wrote %s; `python -m tools.study report` puts it in the table", out)
         elif args.csv:
             write_report(read_table(args.csv), args.out, write_csv=Path(args.csv).resolve() !=
                          (Path(args.out) / "study" / "experiments.csv").resolve())

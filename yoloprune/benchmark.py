@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from yoloprune.config import Config
 from yoloprune.errors import YoloPruneError, check_imgsz
 from yoloprune.macs import MacCounter, count_params, deployed_branch
-from yoloprune.runtime import machine_info, onnx_runner, resolve_device, seeded_images, time_calls, versions
+from yoloprune.runtime import machine_info, onnx_runner, resolve_device, seeded_images, time_interleaved, versions
 from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
@@ -77,6 +78,12 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
     ``settings`` override fields of ``cfg``: ``benchmark("m.pt", imgsz=320, runtime="onnx")``.
     ``macs``/``gflops`` are per image; ``fps`` is images per second (batch * 1000 / median ms).
     """
+    return benchmark_many([model_path], cfg, **settings)[0]
+
+
+def benchmark_many(model_paths: Sequence[str | Path], cfg: BenchmarkConfig | None = None, **settings) -> list[dict]:
+    """Return ``benchmark``'s report of each checkpoint, their timed passes taking turns (``time_interleaved``), so
+    that the ratio of two models' latencies holds on a machine whose speed drifts."""
     try:
         cfg = replace(cfg or BenchmarkConfig(), **settings)
     except TypeError as e:
@@ -86,23 +93,43 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
     if cfg.half and cfg.runtime == "torch" and device.type == "cpu":
         raise YoloPruneError("half=True with the torch runtime needs a CUDA device (Ultralytics runs FP32 on CPU); "
                              "use device='0', or runtime='onnx' for an FP16 ONNX model")
+    threads = cfg.threads or torch.get_num_threads()
+    prepared = [_prepare(Path(p), cfg, device, threads) for p in model_paths]
+    with torch_threads_kept(), torch.inference_mode():
+        torch.set_num_threads(threads)  # for this timing only: the caller's count is back afterwards
+        timings = time_interleaved([run for _, run in prepared], cfg.warmup, cfg.iters, device)
+    reports = []
+    for (report, _), times in zip(prepared, timings, strict=True):
+        median = statistics.median(times)
+        report.update({
+            "latency_median_ms": median,
+            "latency_p90_ms": float(np.percentile(times, 90)),
+            "latency_mean_ms": statistics.fmean(times),
+            "latency_min_ms": min(times),
+            "latency_std_ms": statistics.pstdev(times),
+            "fps": cfg.batch * 1000 / median,
+        })
+        if cfg.data is not None:
+            report.update(accuracy(Path(report["file"]), cfg, device))
+        report["machine"] = machine_info(device)
+        report["versions"] = versions(cfg.runtime)
+        LOGGER.info("%s (%s, %s): %.2f ms median, %.1f FPS, %.3f GMACs", Path(report["model"]).name, cfg.runtime,
+                    device, median, report["fps"], report["macs"] / 1e9)
+        reports.append(report)
+    return reports
 
+
+def _prepare(path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int) -> tuple[dict, Callable]:
+    """Return a checkpoint's static figures and the call that runs it once on ``cfg.runtime``."""
     from yoloprune.io import load_model
 
-    path = Path(model_path)
     model = load_model(path).eval()
     branch, unused = deployed_branch(model)
     skipped = {id(p) for m in unused for p in m.parameters()}
     params = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
     params_total = count_params(model)  # before the runtime fuses BN away
     macs = MacCounter(model, cfg.imgsz, exclude=set(unused))()
-
-    threads = cfg.threads or torch.get_num_threads()
     artifact, run = RUNTIMES[cfg.runtime](model, path, cfg, device, threads)
-    with torch_threads_kept(), torch.inference_mode():
-        torch.set_num_threads(threads)  # for this timing only: the caller's count is back afterwards
-        times = time_calls(run, cfg.warmup, cfg.iters, device)
-    median = statistics.median(times)
     report = {
         "model": str(path),
         "file": str(artifact),
@@ -121,20 +148,8 @@ def benchmark(model_path: str | Path, cfg: BenchmarkConfig | None = None, **sett
         "macs": macs,
         "gflops": 2 * macs / 1e9,
         "file_mb": _size(artifact) / 2**20,
-        "latency_median_ms": median,
-        "latency_p90_ms": float(np.percentile(times, 90)),
-        "latency_mean_ms": statistics.fmean(times),
-        "latency_min_ms": min(times),
-        "latency_std_ms": statistics.pstdev(times),
-        "fps": cfg.batch * 1000 / median,
     }
-    if cfg.data is not None:
-        report.update(accuracy(artifact, cfg, device))
-    report["machine"] = machine_info(device)
-    report["versions"] = versions(cfg.runtime)
-    LOGGER.info("%s (%s, %s): %.2f ms median, %.1f FPS, %.3f GMACs", path.name, cfg.runtime, device, median,
-                report["fps"], macs / 1e9)
-    return report
+    return report, run
 
 
 def _torch_runtime(model: nn.Module, path: Path, cfg: BenchmarkConfig, device: torch.device, threads: int):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,18 +100,40 @@ def onnx_runner(onnx_path: str | Path, imgsz: int, batch: int = 1, device: torch
 
 def time_calls(run: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
     """Return the wall time in ms of each of ``iters`` calls of ``run``, after ``warmup`` untimed calls."""
+    return time_interleaved([run], warmup, iters, device)[0]
+
+
+def time_interleaved(runs: Sequence[Callable[[], object]], warmup: int, iters: int, device: torch.device,
+                     rounds: int = 5, settle: int = 2) -> list[list[float]]:
+    """Return the wall times in ms of ``iters`` calls of each of ``runs``, the runs taking turns in ``rounds`` rounds
+    (every other round in reverse order), after ``warmup`` untimed calls of each.
+
+    Timed one after the other, a slow spell of a shared machine lands on one model alone:
+    the pipeline's 160-px pair once timed 0.95x "faster" so, and 1.73x on the re-run. Taking
+    turns, it slows every model alike. Not call by call: ONNX Runtime's threads spin on after a
+    run, so the next session's call competes with them (measured: yolov8n at 160 px 7.1 ms alone,
+    15.2 ms alternating call by call). Each turn starts with ``settle`` untimed calls instead.
+    """
     # GPU kernels run asynchronously: wait for them, or the time is that of queueing them.
     sync = {"cuda": lambda: torch.cuda.synchronize(device), "mps": lambda: torch.mps.synchronize()}.get(
         device.type, lambda: None)
-    for _ in range(warmup):
-        run()
+    for run in runs:
+        for _ in range(warmup):
+            run()
     sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
+    times: list[list[float]] = [[] for _ in runs]
+    rounds = 1 if len(runs) == 1 else max(1, min(rounds, iters))
+    order = list(range(len(runs)))
+    for r in range(rounds):
+        n = iters // rounds + (r < iters % rounds)  # the iters spread over the rounds
+        for k in (order if r % 2 == 0 else order[::-1]):
+            for _ in range(settle if len(runs) > 1 else 0):
+                runs[k]()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                runs[k]()
+                sync()
+                times[k].append((time.perf_counter() - t0) * 1000)
     return times
 
 

@@ -69,14 +69,18 @@ def fake(monkeypatch) -> FakeDvc:
 def test_sweep_rows_and_names():
     sweep = study.sweep()
     names = [e.name for e in sweep]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 30
     for name in names:  # git ref rules DVC enforces on experiment names
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name
     for model in study.GENERATIONS:
-        mine = {(e.speed_up, e.target, e.distill) for e in sweep if e.model == model}
-        assert mine == {(2.0, "macs", "none"), (3.0, "macs", "none"), (2.0, "latency", "none"),
-                        (3.0, "latency", "none"), (2.0, "macs", "both")}
-    assert [e.name for e in sweep[:4]] == ["v8n-lamp-2x", "v8n-lamp-3x", "v8n-lamp-2x-latency", "v8n-lamp-3x-latency"]
+        for seed in study.SEEDS:  # issue 24's bars in every seed: 2x at 10 fine-tune epochs, 3x at 20
+            mine = {(e.speed_up, e.target, e.distill, e.ft_epochs) for e in sweep if e.model == model and e.seed == seed}
+            assert {(2.0, "macs", "none", None), (3.0, "macs", "none", 20)} <= mine
+        assert {(e.speed_up, e.target, e.distill) for e in sweep if e.model == model and e.seed == 0} >= {
+            (3.0, "macs", "none"), (2.0, "latency", "none"), (2.0, "macs", "cwd"), (3.0, "macs", "cwd")}
+        assert len({e.baseline_key() for e in sweep if e.model == model}) == len(study.SEEDS)  # a baseline per seed
+    assert [e.name for e in sweep[:4]] == ["v8n-lamp-2x", "v8n-lamp-3x-ft20", "v8n-lamp-2x-s1", "v8n-lamp-3x-ft20-s1"]
+    assert [e.name for e in sweep if e.alone] == ["v8n-lamp-2x-latency", "11n-lamp-2x-latency", "26n-lamp-2x-latency"]
 
 
 def test_queue_command_line():
@@ -89,6 +93,9 @@ def test_queue_command_line():
     assert sets == ["baseline.threads=1", "finetune.threads=1", "benchmark.iters=100",
                     "benchmark.warmup=10", "model=yolo11n.yaml", "speed_up=3.0", "method=lamp",
                     "prune.target=latency", "finetune.distill.method=cwd", "finetune.epochs=20"]
+    seeded = study.Experiment("yolo11n.yaml", 3.0, ft_epochs=20, seed=1)
+    assert seeded.name == "11n-lamp-3x-ft20-s1" and seeded.command()[-2:] == ["-S", "baseline.args.seed=1"]
+    assert seeded.baseline_key() != study.Experiment("yolo11n.yaml", 3.0).baseline_key()
 
 
 def test_parse_the_real_exp_show_output():
@@ -107,23 +114,29 @@ def test_ready_waits_for_a_baseline_in_training():
     ready = study.ready(study.sweep(), records)
     # yolov8n's baseline is trained (v8n-lamp-2x done): its other rows go; 11n and 26n wait for theirs (running,
     # queued) to be trained
-    assert {e.model for e in ready} == {"configs/yolov8n.yaml"} and len(ready) == 3
+    # (and each seed's first row trains its own baseline)
+    assert [e.name for e in ready if e.model == "configs/yolov8n.yaml"] == [
+        "v8n-lamp-3x-ft20", "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "v8n-lamp-2x-latency", "v8n-lamp-2x-cwd",
+        "v8n-lamp-3x-cwd-ft20"]
+    assert {e.name for e in ready if e.model != "configs/yolov8n.yaml"} == {
+        "11n-lamp-2x-s1", "11n-lamp-2x-s2", "26n-lamp-2x-s1", "26n-lamp-2x-s2"}
     assert "study-v8n-lamp-3x" not in {e.dvc_name for e in ready}
 
 
 def test_run_trains_each_baseline_once_then_the_rest(fake):
     assert study.run(study.sweep()) == []
     runs = [i for i, c in enumerate(fake.calls) if "--run-all" in c]
-    assert len(runs) == 2 and fake.calls[runs[0]] == ("exp", "run", "--run-all", "-j", "2")
+    assert [fake.calls[i][-1] for i in runs] == ["2", "2", "1"]  # the latency target's runs alone, last
     first = [c[4] for c in fake.calls[:runs[0]]]
-    assert first == ["study-v8n-lamp-2x", "study-11n-lamp-2x", "study-26n-lamp-2x"]  # one per baseline
-    assert len(fake.calls[runs[0] + 1:runs[1]]) == 12
+    assert first == [f"study-{f}-lamp-2x{s}" for f in ("v8n", "11n", "26n") for s in ("", "-s1", "-s2")]
+    assert len(fake.calls[runs[0] + 1:runs[1]]) == 30 - 9 - 3
+    assert {c[4] for c in fake.calls[runs[1] + 1:runs[2]]} == {e.dvc_name for e in study.sweep() if e.alone}
 
 
 def test_a_failed_baseline_blocks_its_generation(fake):
     fake.fail = ("study-26n-lamp-2x",)
     missing = study.run(study.sweep())
-    assert missing == [e.name for e in study.sweep() if e.model == "configs/yolo26n.yaml"]
+    assert missing == [e.name for e in study.sweep() if e.model == "configs/yolo26n.yaml" and e.seed == 0]
     assert study.missing(study.parse_exp_show(fake.show()), study.sweep())["26n-lamp-2x"] == "failed"
 
 
@@ -147,6 +160,53 @@ def test_table_and_retention():
     old = study.table(study.parse_exp_show(states({"study-v8n-lamp-2x": ("success", {"model": "yolov8n.yaml"})})),
                       study.sweep())
     assert (old.iloc[0].target, old.iloc[0].distill) == ("macs", "none")  # a run from before those params
+
+
+def test_runs_timed_alone_replace_the_pipelines_timing_and_seeds_are_summarised():
+    v8n = "configs/yolov8n.yaml"
+    records = study.parse_exp_show(states({
+        "study-v8n-lamp-2x": ("success", {"model": v8n, "speed_up": 2}),
+        "study-v8n-lamp-2x-s1": ("success", {"model": v8n, "speed_up": 2, "baseline": {"args": {"seed": 1}}})},
+        {**BENCH, "control_map50_95": 0.6}))
+    timed = pd.DataFrame([  # the second was timed on a run since replaced: its timing is not this run's
+        {"experiment": "v8n-lamp-2x", "rev": "r-study-v8n-lamp-2x", "base_latency_ms": 4.0, "latency_ms": 2.0,
+         "latency_speed_up": 2.0},
+        {"experiment": "v8n-lamp-2x-s1", "rev": "an older run", "base_latency_ms": 9.0, "latency_ms": 1.0,
+         "latency_speed_up": 9.0}])
+    df = study.table(records, study.sweep(), timed)
+    assert list(df["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-s1"] and list(df["seed"]) == [0, 1]
+    assert list(df["latency_timed"]) == ["alone", "pipeline"]
+    assert list(df["latency_speed_up"]) == [2.0, 1.5] and list(df["latency_ms"]) == [2.0, 1.0]
+    summary = study.summary(df)
+    assert len(summary) == 1
+    row = summary.iloc[0]
+    assert (row.family, row.speed_up, row.seeds) == ("v8n", 2.0, 2)
+    assert row.vs_control_mean == pytest.approx(95.0) and row.vs_control_min == pytest.approx(95.0)
+    assert row.latency_speed_up == pytest.approx(1.75)
+
+
+def test_time_alone_times_each_run_against_its_baseline(monkeypatch):
+    import dvc.api
+    import torch
+
+    from yoloprune.latency import model_onnx
+
+    nets = {"baseline": torch.nn.Conv2d(3, 64, 3, padding=1), "finetuned": torch.nn.Conv2d(3, 8, 3, padding=1)}
+    read = []
+
+    def fake_read(path, repo=".", rev=None, mode="r"):
+        read.append((path, rev))
+        return model_onnx(nets[Path(path).name.split("_")[0]], 64)
+
+    monkeypatch.setattr(dvc.api, "read", fake_read)
+    records = study.parse_exp_show(states({"study-v8n-lamp-2x": ("success", {"model": "x", "imgsz": 64})}))
+    df = study.time_alone(records, study.sweep(), rounds=3)
+    assert read == [("models/baseline_64_b1.onnx", "r-study-v8n-lamp-2x"),
+                    ("models/finetuned_64_b1.onnx", "r-study-v8n-lamp-2x")]
+    row = df.iloc[0]
+    assert (row.experiment, row.rev, row.rounds) == ("v8n-lamp-2x", "r-study-v8n-lamp-2x", 3)
+    assert row.latency_speed_up == pytest.approx(row.base_latency_ms / row.latency_ms)
+    assert row.base_latency_ms > 0 and row.latency_ms > 0 and 0 <= row.other_load <= 1
 
 
 def test_pareto_front():
@@ -177,7 +237,7 @@ def test_report_redrawn_from_the_committed_table(tmp_path):
 def test_plan_prints_every_queue_command(capsys):
     assert study.main(["plan"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 15 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
+    assert len(lines) == 30 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
 
 
 def test_current_keeps_runs_whose_pipeline_code_is_heads(tmp_path):
