@@ -43,6 +43,7 @@ JOBS = 2  # experiments at once, one training thread each (PROFILE): measured 6-
 # (the baseline fine-tuned as long as the pruned model) says what pruning cost, whatever the baseline still lacked.
 PROFILE: dict[str, Any] = {"baseline.threads": 1, "finetune.threads": 1, "benchmark.iters": 100,
                            "benchmark.warmup": 10}
+ADDED = ("baseline.args.seed",)  # keys an experiment may set that params.yaml need not have
 BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")  # equal values: one baseline, shared
 GENERATIONS = ("configs/yolov8n.yaml", "configs/yolo11n.yaml", "configs/yolo26n.yaml")  # Ultralytics' yamls
 SEEDS = (0, 1, 2)  # baseline training seeds (Ultralytics' seed): each trains its own baseline and control
@@ -117,7 +118,8 @@ class Experiment:
 
     def command(self) -> list[str]:
         """Return the ``dvc`` argv (after ``dvc``) that queues this experiment."""
-        sets = [a for k, v in self.overrides().items() for a in ("-S", f"{k}={yaml_value(v)}")]
+        # ++: DVC's Hydra overrides add a key params.yaml lacks (baseline.args has no seed) only so
+        sets = [a for k, v in self.overrides().items() for a in ("-S", f"{'++' * (k in ADDED)}{k}={yaml_value(v)}")]
         return ["exp", "run", "--queue", "--name", self.dvc_name, *sets]
 
     def baseline_key(self) -> tuple[tuple[str, str], ...]:

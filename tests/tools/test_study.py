@@ -94,7 +94,7 @@ def test_queue_command_line():
                     "benchmark.warmup=10", "model=yolo11n.yaml", "speed_up=3.0", "method=lamp",
                     "prune.target=latency", "finetune.distill.method=cwd", "finetune.epochs=20"]
     seeded = study.Experiment("yolo11n.yaml", 3.0, ft_epochs=20, seed=1)
-    assert seeded.name == "11n-lamp-3x-ft20-s1" and seeded.command()[-2:] == ["-S", "baseline.args.seed=1"]
+    assert seeded.name == "11n-lamp-3x-ft20-s1" and seeded.command()[-2:] == ["-S", "++baseline.args.seed=1"]
     assert seeded.baseline_key() != study.Experiment("yolo11n.yaml", 3.0).baseline_key()
 
 
