@@ -69,17 +69,17 @@ def fake(monkeypatch) -> FakeDvc:
 def test_sweep_rows_and_names():
     sweep = study.sweep()
     names = [e.name for e in sweep]
-    assert len(names) == len(set(names)) == 30
+    assert len(names) == len(set(names)) == 18
     for name in names:  # git ref rules DVC enforces on experiment names
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name
     for model in study.GENERATIONS:
         for seed in study.SEEDS:  # issue 24's bars in every seed: 2x at 10 fine-tune epochs, 3x at 20
             mine = {(e.speed_up, e.target, e.distill, e.ft_epochs) for e in sweep if e.model == model and e.seed == seed}
-            assert {(2.0, "macs", "none", None), (3.0, "macs", "none", 20)} <= mine
+            assert (2.0, "macs", "none", None) in mine
         assert {(e.speed_up, e.target, e.distill) for e in sweep if e.model == model and e.seed == 0} >= {
-            (3.0, "macs", "none"), (2.0, "latency", "none"), (2.0, "macs", "cwd"), (3.0, "macs", "cwd")}
+            (3.0, "macs", "none"), (2.0, "latency", "none"), (2.0, "macs", "cwd")}
         assert len({e.baseline_key() for e in sweep if e.model == model}) == len(study.SEEDS)  # a baseline per seed
-    assert [e.name for e in sweep[:4]] == ["v8n-lamp-2x", "v8n-lamp-3x-ft20", "v8n-lamp-2x-s1", "v8n-lamp-3x-ft20-s1"]
+    assert [e.name for e in sweep[:4]] == ["v8n-lamp-2x", "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "11n-lamp-2x"]
     assert [e.name for e in sweep if e.alone] == ["v8n-lamp-2x-latency", "11n-lamp-2x-latency", "26n-lamp-2x-latency"]
 
 
@@ -116,8 +116,7 @@ def test_ready_waits_for_a_baseline_in_training():
     # queued) to be trained
     # (and each seed's first row trains its own baseline)
     assert [e.name for e in ready if e.model == "configs/yolov8n.yaml"] == [
-        "v8n-lamp-3x-ft20", "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "v8n-lamp-2x-latency", "v8n-lamp-2x-cwd",
-        "v8n-lamp-3x-cwd-ft20"]
+        "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "v8n-lamp-3x-ft20", "v8n-lamp-2x-latency", "v8n-lamp-2x-cwd"]
     assert {e.name for e in ready if e.model != "configs/yolov8n.yaml"} == {
         "11n-lamp-2x-s1", "11n-lamp-2x-s2", "26n-lamp-2x-s1", "26n-lamp-2x-s2"}
     assert "study-v8n-lamp-3x" not in {e.dvc_name for e in ready}
@@ -129,7 +128,7 @@ def test_run_trains_each_baseline_once_then_the_rest(fake):
     assert [fake.calls[i][-1] for i in runs] == ["2", "2", "1"]  # the latency target's runs alone, last
     first = [c[4] for c in fake.calls[:runs[0]]]
     assert first == [f"study-{f}-lamp-2x{s}" for f in ("v8n", "11n", "26n") for s in ("", "-s1", "-s2")]
-    assert len(fake.calls[runs[0] + 1:runs[1]]) == 30 - 9 - 3
+    assert len(fake.calls[runs[0] + 1:runs[1]]) == 18 - 9 - 3
     assert {c[4] for c in fake.calls[runs[1] + 1:runs[2]]} == {e.dvc_name for e in study.sweep() if e.alone}
 
 
@@ -237,7 +236,7 @@ def test_report_redrawn_from_the_committed_table(tmp_path):
 def test_plan_prints_every_queue_command(capsys):
     assert study.main(["plan"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 30 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
+    assert len(lines) == 18 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
 
 
 def test_current_keeps_runs_whose_pipeline_code_is_heads(tmp_path):
