@@ -38,7 +38,7 @@ review: setup
 
 # The measured study (docs/results.md, its plot and docs/study/experiments.csv): the sweep of DVC experiments in
 # tools/study.py (per generation and baseline seed: 2x at 10 fine-tune epochs and 3x at 20; for seed 0 also 3x at
-# 10, the latency target at 2x and 3x, and 2x distilled), queued, run two at a time (each queued once its baseline is
+# 10, the latency target at 2x, and cwd distillation at 2x and at 3x), queued, run two at a time (each queued once its baseline is
 # trained; latency-target runs one at a time, as they time the network while pruning), then every run timed alone
 # against its baseline, then the report; each run's equal-budget control is the pipeline's control stage.
 # Run again, it skips what is done. `python -m tools.study plan` prints the queue commands; `python -m tools.study
