@@ -36,7 +36,8 @@ from yoloprune.prune import PruneConfig, prune_model
 
 # name -> dotted overrides of params.yaml (prune.*, finetune.*, finetune.args.*)
 VARIANTS: dict[str, dict[str, object]] = {
-    "lamp-global": {},  # params.yaml as it is
+    "lamp-global": {},  # params.yaml as it is (finetune lr0 0.002)
+    "lamp-lr1": {"finetune.args.lr0": 0.001},  # the fine-tune's rate before 2026-12-02
     "lamp-local": {"prune.global_pruning": False},
     "l1-local": {"prune.global_pruning": False, "method": "l1"},
     "lamp-global-cap50": {"prune.max_layer_ratio": 0.5},
@@ -48,7 +49,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lamp-lr3": {"finetune.args.lr0": 0.003},
     "taylor-lr2": {"finetune.args.lr0": 0.002, "method": "taylor"},
     "control-lr2": {"unpruned": True, "finetune.args.lr0": 0.002},  # the baseline fine-tuned alike, not pruned
-    "control-lr1": {"unpruned": True},
+    "control-lr1": {"unpruned": True, "finetune.args.lr0": 0.001},
     "control-lr3": {"unpruned": True, "finetune.args.lr0": 0.003},
 }
 

@@ -209,6 +209,24 @@ def test_other_load_sees_another_process():
     assert load.share > 0.3  # one spinning process on a machine of N cores: 1/N of it (2 cores here: 0.5)
 
 
+def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import prune_model
+
+    # the table cannot reach 1.5x with every layer kept at 90 % or more, but the runtime measures 1.52x: the target,
+    # short of the 5 % margin the checks aim for, with nothing left to prune
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.52)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      max_layer_ratio=0.1)
+    report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    assert report.measured_latency_speed_up == 1.52 and len(report.latency_checks) == 1
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.45)  # short of the target itself: an error
+    with pytest.raises(YoloPruneError, match="not reachable"):
+        prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+
+
 def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime

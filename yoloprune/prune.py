@@ -62,7 +62,7 @@ class PruneConfig(Config):
     round_to: int = 8  # keep channel counts multiples of this (CPU/GPU kernels prefer multiples of 8)
     max_layer_ratio: float = 0.75  # no layer loses more than this share of its channels
     imgsz: int = 640  # input size at which MACs are counted
-    tolerance: float = 0.02  # accepted relative error of the achieved speed-up
+    tolerance: float = 0.02  # accepted relative error of the achieved speed-up; latency checks aim this far past it
     branch: str = "auto"  # YOLO26 head branch whose MACs count: auto = the one predict/export use
     seed: int = 0  # seeds the random method and calibration inputs
     target: str = "macs"  # what speed_up divides: macs, or latency (predicted on runtime, see yoloprune.latency)
@@ -315,14 +315,19 @@ def prune_model(
                 if now > target:
                     now, reached = prune_to(target, now)
                 break
+            if not reached and measured >= cfg.speed_up:  # the target, but no room left for the margin past it
+                LOGGER.info("latency target %gx: measured %.3fx; no more could go for a margin past it",
+                            cfg.speed_up, measured)
+                break
             if not reached:  # the table said no more could go, and the runtime agrees
                 raise YoloPruneError(
                     f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
                     f"round_to={round_to}: the most pruning reaches {measured:.3f}x measured on {cfg.runtime}; "
                     "lower the target or raise max_layer_ratio")
             if i == cfg.verify - 1:
-                LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune on",
-                               cfg.speed_up, measured, cfg.verify)
+                if measured < cfg.speed_up:
+                    LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune "
+                                   "on", cfg.speed_up, measured, cfg.verify)
                 break
             # the predicted cost at which the measured one would be `enough`, aimed half the tolerance past it
             goal = now * measured / (enough * (1 + cfg.tolerance / 2))

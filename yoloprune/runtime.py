@@ -129,6 +129,7 @@ def time_interleaved(runs: Sequence[Callable[[], object]], warmup: int, iters: i
         for k in (order if r % 2 == 0 else order[::-1]):
             for _ in range(settle if len(runs) > 1 else 0):
                 runs[k]()
+            sync()  # the untimed calls' queued GPU work is not the first timed call's
             for _ in range(n):
                 t0 = time.perf_counter()
                 runs[k]()

@@ -208,6 +208,19 @@ def test_time_alone_times_each_run_against_its_baseline(monkeypatch):
     assert row.base_latency_ms > 0 and row.latency_ms > 0 and 0 <= row.other_load <= 1
 
 
+def test_no_finished_run_times_to_an_empty_table_the_report_reads_as_none(tmp_path):
+    empty = study.time_alone([], study.sweep())
+    assert list(empty.columns) == study.TIMED_COLUMNS and empty.empty
+    empty.to_csv(tmp_path / "latency.csv", index=False)
+    assert study.read_timed(tmp_path / "latency.csv") is None and study.read_timed(tmp_path / "nosuch.csv") is None
+
+
+def test_queue_leaves_the_latency_targets_runs_to_run(fake):
+    assert study.main(["queue"]) == 0
+    queued = {c[4] for c in fake.calls if "--queue" in c}
+    assert queued and not queued & {e.dvc_name for e in study.sweep() if e.alone}
+
+
 def test_pareto_front():
     assert study.pareto_front([1, 2, 3, 2], [0.5, 0.6, 0.55, 0.6]) == [True, True, False, True]
     assert study.pareto_front([1, float("nan"), 2], [0.1, 0.9, 0.2]) == [True, False, True]
