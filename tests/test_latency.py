@@ -214,14 +214,16 @@ def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, 
     from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
 
-    # the table cannot reach 1.5x with every layer kept at 90 % or more, but the runtime measures 1.52x: the target,
+    # little can go (no layer may lose more than 5 %), and the runtime measures 1.52x whatever is pruned: the target,
     # short of the 5 % margin the checks aim for, with nothing left to prune
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.52)
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
-                      max_layer_ratio=0.1)
+                      max_layer_ratio=0.05)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
-    assert report.measured_latency_speed_up == 1.52 and len(report.latency_checks) == 1
+    checks = report.latency_checks
+    assert report.measured_latency_speed_up == 1.52  # accepted, not an error
+    assert checks and all(c["measured_speed_up"] == 1.52 for c in checks)  # stopped at the limit, no error
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.45)  # short of the target itself: an error
     with pytest.raises(YoloPruneError, match="not reachable"):
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
