@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloprune.errors import YoloPruneError, check_imgsz
-from yoloprune.runtime import time_calls
+from yoloprune.runtime import time_calls, time_interleaved
 from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
@@ -241,11 +241,10 @@ class Runtime:
         runs = [self.runner(m, imgsz) for m in (base, pruned)]
         if reps is None:
             reps = max(5, min(50, math.ceil(100 / max(_best(runs[1], 3, self.torch_device), 1e-3))))
-        ms: list[list[float]] = [[], []]
-        for r in range(rounds):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                ms[i].append(_best(runs[i], reps, self.torch_device))
-        return ms[0], ms[1]
+        # each turn: two untimed calls (kernel choice, allocation; another session's spinning threads), reps timed
+        base_ms, pruned_ms = ([min(t[r * reps:(r + 1) * reps]) for r in range(rounds)]
+                              for t in time_interleaved(runs, 0, rounds * reps, self.torch_device, rounds, settle=2))
+        return base_ms, pruned_ms
 
     @property
     def torch_device(self) -> torch.device:
