@@ -33,6 +33,7 @@ from yoloprune.importance import get_method
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
 from yoloprune.prune import PruneConfig, prune_model
+from yoloprune.sparsity import SparsityConfig, sparsity_train
 
 # name -> dotted overrides of params.yaml (prune.*, finetune.*, finetune.args.*)
 VARIANTS: dict[str, dict[str, object]] = {
@@ -51,6 +52,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "control-lr2": {"unpruned": True, "finetune.args.lr0": 0.002},  # the baseline fine-tuned alike, not pruned
     "control-lr1": {"unpruned": True, "finetune.args.lr0": 0.001},
     "control-lr3": {"unpruned": True, "finetune.args.lr0": 0.003},
+    # sparsity training (group lasso / BN-scale L1) on the converted baseline before pruning; its epochs add to the cost
+    "sparse5": {"sparsity.epochs": 5},
+    "sparse5-bn": {"sparsity.epochs": 5, "sparsity.kind": "bn_l1"},
+    "lamp-ft+5": {"finetune.epochs": "+5"},  # the equal-cost reference for the sparse5 variants: 5 more fine-tune epochs
 }
 
 
@@ -61,12 +66,28 @@ def override(params: dict, dotted: dict[str, object]) -> dict:
         node = out
         for part in path:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = node.get(leaf, 0) + int(value) if isinstance(value, str) and value.startswith("+") else value
     return out
 
 
 def parse_set(items: list[str]) -> dict[str, object]:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def sparse_model(model: str, params: dict, done: dict[tuple, Path], work: Path) -> str | Path:
+    """Return ``model`` trained with the variant's sparsity penalty (``model`` itself when ``sparsity.epochs`` is 0)."""
+    cfg = SparsityConfig.from_params(params)
+    if cfg.epochs == 0:
+        return model
+    key = (cfg.epochs, cfg.reg, cfg.kind)
+    if key not in done:
+        t0, f = time.perf_counter(), params["finetune"]
+        result = sparsity_train(model, data_yaml(params), cfg, work / f"sparse{len(done)}", imgsz=params["imgsz"],
+                                batch=f["batch"], device="cpu", workers=f["workers"], threads=f["threads"], **f["args"])
+        done[key] = work / f"sparse{len(done)}.pt"
+        save_model(load_model(result.best), done[key], {"sparsity": {"epochs": cfg.epochs, "kind": cfg.kind}})
+        print(f"sparsity {key}: mAP50-95 {result.map50_95:.4f} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return done[key]
 
 
 def main() -> None:
@@ -87,13 +108,14 @@ def main() -> None:
     val = BenchmarkConfig(imgsz=base_params["imgsz"], data=data)
     control = accuracy(Path(args.control), val, torch.device("cpu"))["map50_95"]
     print(f"control {args.control}: mAP50-95 {control:.4f}", flush=True)
-    rows = []
+    rows, sparse = [], {}
+    work = tempfile.TemporaryDirectory(prefix="yoloprune-probe-sparse-")
     for name in args.only:
         variant = dict(VARIANTS[name])
         unpruned = bool(variant.pop("unpruned", False))
         params = override(base_params, variant)
         cfg, ft = PruneConfig.from_params(params), FinetuneConfig.from_params(params)
-        model = load_model(args.baseline if unpruned else args.model)
+        model = load_model(args.baseline if unpruned else sparse_model(args.model, params, sparse, Path(work.name)))
         loss_fn = real_loss(model, data, cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
             if not unpruned and get_method(cfg.method).needs_gradients else None
         report = {"macs_speed_up": 1.0, "pruned_params": sum(p.numel() for p in model.parameters())} if unpruned \

@@ -3,8 +3,9 @@
 The pruned model had the baseline's training plus the fine-tune. A baseline stopped while
 still improving (the default 60 epochs on the synthetic data gain +0.03 mAP50-95 in their
 last 10) gains from those epochs too, so retention against the baseline alone credits
-pruning with what training more did. ``finetune.control: false`` skips the fine-tune: the
-baseline itself is then the control.
+pruning with what training more did. With sparsity training on (``sparsity.epochs``), the
+pruned model trained that many epochs more before pruning, and so does the control.
+``finetune.control: false`` skips the fine-tune: the baseline itself is then the control.
 """
 
 from yoloprune.errors import exit_on_error
@@ -13,7 +14,7 @@ exit_on_error()  # first: an entry point (Ultralytics offline before anything im
 
 from pathlib import Path
 
-from yoloprune.config import FinetuneConfig
+from yoloprune.config import FinetuneConfig, SparsityConfig
 from yoloprune.finetune import can_resume, finetune
 from yoloprune.io import load_model, save_model
 from yoloprune.params import data_yaml, load_params
@@ -23,7 +24,9 @@ BASELINE, RUN, OUT = Path("models/baseline.pt"), Path("runs/control"), Path("mod
 params = load_params()
 f, data = FinetuneConfig.from_params(params), data_yaml(params)
 if f.control:
-    settings = f.settings(params["imgsz"])  # the pruned model's fine-tune, without a teacher (it would be itself)
+    # the pruned model's training after the baseline: sparsity epochs, then the fine-tune; no teacher (it is itself)
+    settings = f.settings(params["imgsz"])
+    settings["epochs"] += SparsityConfig.from_params(params).epochs
     result = finetune(BASELINE, data, device=str(f.device), workers=f.workers, threads=f.threads, out_dir=RUN,
                       resume=can_resume(RUN, BASELINE, data, **settings), **settings)
     save_model(load_model(result.best), OUT, {"epochs": result.epochs, "control": True})

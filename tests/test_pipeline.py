@@ -43,6 +43,7 @@ def repo(tmp_path_factory) -> Path:
     params["dataset"].update(n_train=8, n_val=4)
     params["baseline"].update(epochs=1, batch=4, workers=0)
     params["finetune"].update(epochs=2, batch=4, workers=0)
+    params["sparsity"].update(epochs=1)  # on: the stage trains, the control trains as much longer
     for stage in ("baseline", "finetune"):
         params[stage]["args"]["nbs"] = 4  # = batch, as params.yaml has it: one optimiser step per batch
     params["benchmark"].update(iters=3, warmup=1)
@@ -76,7 +77,7 @@ def test_repro_writes_every_metric(repo):
     assert "metrics/mAP50-95(B)" in curves[0] and len(curves) == 2  # the header and the one epoch
     assert not [f for f in repo.rglob("*.dvc") if f.is_file()]  # no stray .dvc files from the dvclive callback
     control = torch.load(repo / "models/control.pt", weights_only=False)["yoloprune"]  # the baseline, fine-tuned alike
-    assert control == {"epochs": 2, "control": True}
+    assert control == {"epochs": 2 + 1, "control": True}  # the fine-tune's epochs and the sparsity stage's
     expected = 100 * bench["finetuned_map50_95"] / bench["control_map50_95"] if bench["control_map50_95"] else None
     assert bench["retention_vs_control_pct"] == pytest.approx(expected)
 

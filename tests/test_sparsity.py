@@ -12,6 +12,7 @@ from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model
 from yoloprune.prune import prepare
 from yoloprune.sparsity import (
+    REGULARIZERS,
     BNL1Regularizer,
     GroupNormRegularizer,
     SparsityConfig,
@@ -106,6 +107,7 @@ def test_a_few_steps_with_the_regulariser_shrink_the_regularised_groups(base):
 
 def test_sparsity_config_and_registry_reject_what_they_do_not_know():
     assert isinstance(build_regularizer("bn_l1", 1e-4), BNL1Regularizer)
+    assert SparsityConfig.KINDS == tuple(REGULARIZERS)  # the config accepts exactly the registered kinds
     with pytest.raises(YoloPruneError, match="choose one of group_norm, bn_l1"):
         SparsityConfig(epochs=1, kind="l1")
     with pytest.raises(YoloPruneError, match="sparsity.epochs must be an integer >= 0"):

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import yaml
@@ -51,13 +51,26 @@ BASELINE_PARAMS = ("model", "data", "imgsz", "dataset", "baseline")  # equal val
 GENERATIONS = ("configs/yolov8n.yaml", "configs/yolo11n.yaml", "configs/yolo26n.yaml")  # Ultralytics' yamls
 SEEDS = (0, 1, 2)  # baseline training seeds (Ultralytics' seed: data order and augmentation; the initial weights are
 # seeded alike, stages/baseline.py): each trains its own baseline and control
-# (speed-up, prune.target, finetune.distill.method, fine-tune epochs or None for params.yaml's) per generation and seed
-EVERY_SEED = ((2.0, "macs", "none", None),)  # issue 24's first bar: 2x at 10 epochs, in every seed
-# seed 0 only: 3x at 20 epochs (issue 24's second bar), the latency target at 2x against the MACs target, and cwd
-# distillation at 2x; more seeds of 3x and distillation at 3x did not fit the 2-core session that ran it
-FIRST_SEED = ((3.0, "macs", "none", 20), (2.0, "latency", "none", None), (2.0, "macs", "cwd", None))
+
+
+class Setting(NamedTuple):
+    """One row of the sweep per generation (and seed): ``ft_epochs`` None keeps params.yaml's."""
+
+    speed_up: float
+    target: str = "macs"
+    distill: str = "none"
+    ft_epochs: int | None = None
+    sparsity: int = 0  # epochs of sparsity training before pruning (0: none)
+
+
+EVERY_SEED = (Setting(2.0),)  # issue 24's first bar: 2x at 10 epochs, in every seed
+# seed 0 only: 3x at 20 epochs (issue 24's second bar), 3x at 10 epochs (the MACs target's point at the latency
+# target's speed, issue 21), the latency target at 2x, and cwd distillation at 2x. Sparsity training (5 epochs before
+# pruning) did not beat 5 more fine-tune epochs in the probes (docs/study/probes.md), so it has no row.
+FIRST_SEED = (Setting(3.0, ft_epochs=20), Setting(3.0), Setting(2.0, target="latency"), Setting(2.0, distill="cwd"))
 BASELINE_OUT = "models/baseline.pt"
-TABLE = ["experiment", "kind", "model", "seed", "method", "speed_up", "target", "ft_epochs", "distill", "map50_95",
+TABLE = ["experiment", "kind", "model", "seed", "method", "speed_up", "target", "ft_epochs", "distill", "sparsity",
+         "map50_95",
          "base_map50_95", "control_map50_95", "retention", "retention_vs_control", "macs_speed_up", "latency_speed_up",
          "predicted_latency_speed_up", "latency_ms", "base_latency_ms", "latency_timed", "commit"]
 METRICS = {"map50_95": "finetuned_map50_95", "base_map50_95": "baseline_map50_95",
@@ -66,8 +79,9 @@ METRICS = {"map50_95": "finetuned_map50_95", "base_map50_95": "baseline_map50_95
            "latency_ms": "finetuned_latency_ms", "base_latency_ms": "baseline_latency_ms"}
 # table column -> metric key (metrics/benchmark.json first)
 PARAMS = {"model": "model", "seed": "baseline.args.seed", "method": "method", "speed_up": "speed_up", "target": "prune.target",
-          "ft_epochs": "finetune.epochs", "distill": "finetune.distill.method"}  # table column -> params.yaml key
-ABSENT = {"target": "macs", "distill": "none", "seed": 0}  # what a run from before these params existed did
+          "ft_epochs": "finetune.epochs", "distill": "finetune.distill.method",
+          "sparsity": "sparsity.epochs"}  # table column -> params.yaml key
+ABSENT = {"target": "macs", "distill": "none", "seed": 0, "sparsity": 0}  # what a run from before these params existed did
 
 
 def family(model: str) -> str:
@@ -91,13 +105,15 @@ class Experiment:
     distill: str = "none"
     ft_epochs: int | None = None
     seed: int = 0  # the baseline's training seed; 0: params.yaml's (Ultralytics' default)
+    sparsity: int = 0  # sparsity-training epochs before pruning; 0: params.yaml's (none)
 
     @property
     def name(self) -> str:
-        """Return the short name: ``v8n-lamp-2x``, ``11n-lamp-3x-latency-both``, ``v8n-lamp-3x-ft20-s1``."""
+        """Return the short name: ``v8n-lamp-2x``, ``11n-lamp-3x-latency-both``, ``v8n-lamp-3x-sp5-ft20-s1``."""
         parts = [family(self.model), self.method, f"{self.speed_up:g}x"]
         parts += [self.target] if self.target != "macs" else []
         parts += [self.distill] if self.distill != "none" else []
+        parts += [f"sp{self.sparsity}"] if self.sparsity else []
         parts += [f"ft{self.ft_epochs}"] if self.ft_epochs is not None else []
         parts += [f"s{self.seed}"] if self.seed else []
         return "-".join(parts)
@@ -117,6 +133,7 @@ class Experiment:
         own = {"model": self.model, "speed_up": self.speed_up, "method": self.method, "prune.target": self.target,
                "finetune.distill.method": self.distill}
         own |= {"finetune.epochs": self.ft_epochs} if self.ft_epochs is not None else {}
+        own |= {"sparsity.epochs": self.sparsity} if self.sparsity else {}
         return {**PROFILE, **own, **({"baseline.args.seed": self.seed} if self.seed else {})}
 
     def command(self) -> list[str]:
@@ -134,10 +151,12 @@ class Experiment:
 def sweep() -> list[Experiment]:
     """Return the study's experiments: per generation and seed the ``EVERY_SEED`` rows, then seed 0's
     ``FIRST_SEED`` rows; the first row of a generation and seed trains its baseline."""
-    rows = [Experiment(m, s, target=t, distill=d, ft_epochs=e, seed=seed)
-            for m in GENERATIONS for seed in SEEDS for s, t, d, e in EVERY_SEED]
-    return rows + [Experiment(m, s, target=t, distill=d, ft_epochs=e) for m in GENERATIONS
-                   for s, t, d, e in FIRST_SEED]
+    def experiment(model: str, setting: Setting, seed: int = 0) -> Experiment:
+        return Experiment(model, setting.speed_up, target=setting.target, distill=setting.distill,
+                          ft_epochs=setting.ft_epochs, seed=seed, sparsity=setting.sparsity)
+
+    rows = [experiment(m, setting, seed) for m in GENERATIONS for seed in SEEDS for setting in EVERY_SEED]
+    return rows + [experiment(m, setting) for m in GENERATIONS for setting in FIRST_SEED]
 
 
 # --- DVC ---------------------------------------------------------------------------------------------------------
@@ -286,17 +305,22 @@ def missing(records: Iterable[Record], experiments: Sequence[Experiment]) -> dic
 
 
 def time_alone(records: Iterable[Record], experiments: Sequence[Experiment], repo: str | Path = ".",
-               rounds: int = 15, threads: int = 2) -> pd.DataFrame:
+               rounds: int = 15, threads: int = 2, done: pd.DataFrame | None = None) -> pd.DataFrame:
     """Return each finished run's ONNX Runtime CPU latency and its baseline's, timed now, interleaved, one pair at a
     time: the pipeline's figures of runs that ran two at a time were taken while the other one trained. ``latency_ms``
     is the fastest of ``rounds`` rounds (as the latency target's checks); ``other_load`` the share of the CPU other
-    processes used meanwhile (above ``BUSY`` the figure is not to be trusted, and a warning says so)."""
+    processes used meanwhile (above ``BUSY`` the figure is not to be trusted, and a warning says so). Runs ``done``
+    (an earlier table) timed already, same experiment and commit, keep that row and are not timed again."""
     import dvc.api
 
     from yoloprune.latency import BUSY, OnnxRuntime, OtherLoad
 
     runtime, rows = OnnxRuntime(threads), []
+    kept = {} if done is None else {(d["experiment"], str(d["rev"])): d for d in done.to_dict("records")}
     for r in newest_runs(records, experiments):
+        if (old := kept.get((r.name.removeprefix(PREFIX), r.rev))) is not None:
+            rows.append(old)
+            continue
         size = r.param("imgsz")
         onnx = [dvc.api.read(f"models/{m}_{size}_b1.onnx", repo=str(repo), rev=r.rev, mode="rb")
                 for m in ("baseline", "finetuned")]
@@ -354,7 +378,7 @@ def table(records: Iterable[Record], experiments: Sequence[Experiment], timed: p
                        latency_speed_up=t.latency_speed_up, latency_timed="alone")
         rows.append(row)
     df = pd.DataFrame(rows, columns=TABLE)
-    for c in ("speed_up", "ft_epochs", "seed", *METRICS):
+    for c in ("speed_up", "ft_epochs", "seed", "sparsity", *METRICS):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["retention"] = [percent(m, b) for m, b in zip(df["map50_95"], df["base_map50_95"], strict=True)]
     df["retention_vs_control"] = [percent(m, c) for m, c in zip(df["map50_95"], df["control_map50_95"], strict=True)]
@@ -391,6 +415,7 @@ def points(df: pd.DataFrame) -> pd.DataFrame:
 def variant(row: Any, default_ft: float) -> str:
     """Return the plot's line label of a pruned run: method, target, distillation and an unusual fine-tune."""
     label = f"{row.method}, {row.target} target" + (f", distill {row.distill}" if row.distill != "none" else "")
+    label += f", {row.sparsity:g} sparsity epochs" if row.sparsity else ""
     return label + (f", {row.ft_epochs:g} ft epochs" if row.ft_epochs != default_ft else "")
 
 
@@ -449,7 +474,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Return each setting's runs across seeds: how many, mean and lowest retention against the control, mean
     retention against the baseline, mean MACs and latency speed-ups."""
     pruned = df[df["kind"] == "pruned"].assign(family=df["model"].map(family))
-    keys = ["family", "speed_up", "target", "ft_epochs", "distill"]
+    keys = ["family", "speed_up", "target", "ft_epochs", "distill", "sparsity"]
     g = pruned.groupby(keys, sort=False, dropna=False)
     out = g.agg(seeds=("experiment", "size"), vs_control_mean=("retention_vs_control", "mean"),
                 vs_control_min=("retention_vs_control", "min"), vs_control_sd=("retention_vs_control", "std"),
@@ -459,7 +484,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 SUMMARY = {"family": "model", "speed_up": "asked ×", "target": "target", "ft_epochs": "ft epochs",
-           "distill": "distill", "seeds": "seeds", "vs_control_mean": "vs control % (mean)",
+           "distill": "distill", "sparsity": "sparsity epochs", "seeds": "seeds", "vs_control_mean": "vs control % (mean)",
            "vs_control_min": "lowest %", "vs_control_sd": "sd", "retention_mean": "vs baseline %",
            "macs_speed_up": "MACs ×", "latency_speed_up": "latency ×"}
 
@@ -485,7 +510,7 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
               .to_markdown(index=False, floatfmt=".3f"), "", "## Across seeds", "",
               "Each setting's runs, one per baseline training seed; retention as % of each run's own control:", "",
               summary(df).rename(columns=SUMMARY).to_markdown(
-                  index=False, floatfmt=("", "g", "", "g", "", "d", ".1f", ".1f", ".1f", ".1f", ".2f", ".2f")), "",
+                  index=False, floatfmt=("", "g", "", "g", "", "g", "d", ".1f", ".1f", ".1f", ".1f", ".2f", ".2f")), "",
               "## Every run", "",
               df[list(SHOWN)].rename(columns=SHOWN)
               .to_markdown(index=False, floatfmt=("", ".3f", ".3f", ".3f", ".1f", ".1f", ".2f", ".2f", ".2f")),
@@ -509,20 +534,35 @@ def write_report(df: pd.DataFrame, out_dir: str | Path = OUT_DIR, missing_runs: 
     return md, plot(df, out_dir / "results.png")
 
 
-def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR
-           ) -> tuple[Path, Path]:
-    """Collect the finished experiments (DVC's API) and write the report."""
+def report(experiments: Sequence[Experiment], repo: str | Path = ".", out_dir: str | Path = OUT_DIR,
+           keep: bool = False) -> tuple[Path, Path]:
+    """Collect the finished experiments (DVC's API) and write the report; with ``keep``, the committed table's rows
+    of experiments that have no run on this code stay in it (their ``commit`` column names the code that ran them)."""
     records = current(parse_exp_show(exp_show(repo)), repo)
     timed = read_timed(Path(out_dir) / "study" / TIMED.name)
-    return write_report(table(records, experiments, timed), out_dir, missing(records, experiments))
+    df, absent = table(records, experiments, timed), missing(records, experiments)
+    committed = Path(out_dir) / "study" / "experiments.csv"
+    if keep and committed.is_file():
+        df = kept_rows(df, read_table(committed), experiments)
+        absent = {k: v for k, v in absent.items() if k not in set(df["experiment"])}
+    return write_report(df, out_dir, absent)
+
+
+def kept_rows(new: pd.DataFrame, old: pd.DataFrame, experiments: Sequence[Experiment]) -> pd.DataFrame:
+    """Return ``new`` with the rows of ``old`` whose experiment of the sweep ``new`` lacks, in sweep order."""
+    order = {e.name: i for i, e in enumerate(experiments)}
+    old = old[old["experiment"].isin(order) & ~old["experiment"].isin(new["experiment"])]
+    both = pd.concat([df for df in (new, old) if len(df)], ignore_index=True) if len(old) else new
+    return both.sort_values("experiment", key=lambda c: c.map(order), kind="stable", ignore_index=True)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Return a committed ``experiments.csv``."""
     if not Path(path).is_file():
         raise YoloPruneError(f"{path}: no such table; run `python -m tools.study report` first, or pass its path")
-    # a table from before a column existed reads it as missing values
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]).reindex(columns=TABLE)
+    # a table from before a column existed reads it as missing values, or as what runs did before its param existed
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return df.assign(**{c: v for c, v in ABSENT.items() if c not in df.columns}).reindex(columns=TABLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,8 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "every experiment was tried")
     lat = sub.add_parser("latency", help=f"time every finished run and its baseline alone, into {TIMED}")
     lat.add_argument("--rounds", type=int, default=15, help="interleaved rounds per pair (the fastest counts)")
+    lat.add_argument("--again", action="store_true", help="time every run again, not only those not timed yet")
     rep = sub.add_parser("report", help="write docs/study/experiments.csv, docs/results.md and docs/results.png")
     rep.add_argument("--csv", help="redraw from this experiments.csv instead of collecting from DVC")
+    rep.add_argument("--keep", action="store_true", help="keep the committed table's rows of experiments not run on "
+                                                          "this code (yet): their commit column says which code ran them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     experiments = sweep()
@@ -552,14 +595,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "latency":
             out = Path(args.out) / "study" / TIMED.name
             out.parent.mkdir(parents=True, exist_ok=True)
-            time_alone(current(parse_exp_show(exp_show()), "."), experiments, rounds=args.rounds).to_csv(
+            done = None if args.again else read_timed(out)
+            time_alone(current(parse_exp_show(exp_show()), "."), experiments, rounds=args.rounds, done=done).to_csv(
                 out, index=False, float_format="%.6g")
             LOGGER.info("wrote %s; `python -m tools.study report` puts it in the table", out)
         elif args.csv:
             write_report(read_table(args.csv), args.out, write_csv=Path(args.csv).resolve() !=
                          (Path(args.out) / "study" / "experiments.csv").resolve())
         else:
-            report(experiments, out_dir=args.out)
+            report(experiments, out_dir=args.out, keep=args.keep)
     except YoloPruneError as e:
         print(f"tools.study: error: {e}", file=sys.stderr)
         return 2

@@ -69,17 +69,21 @@ def fake(monkeypatch) -> FakeDvc:
 def test_sweep_rows_and_names():
     sweep = study.sweep()
     names = [e.name for e in sweep]
-    assert len(names) == len(set(names)) == 18
+    assert len(names) == len(set(names)) == 21
     for name in names:  # git ref rules DVC enforces on experiment names
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name
     for model in study.GENERATIONS:
         for seed in study.SEEDS:  # issue 24's bars in every seed: 2x at 10 fine-tune epochs, 3x at 20
-            mine = {(e.speed_up, e.target, e.distill, e.ft_epochs) for e in sweep if e.model == model and e.seed == seed}
-            assert (2.0, "macs", "none", None) in mine
-        assert {(e.speed_up, e.target, e.distill) for e in sweep if e.model == model and e.seed == 0} >= {
-            (3.0, "macs", "none"), (2.0, "latency", "none"), (2.0, "macs", "cwd")}
+            mine = {(e.speed_up, e.target, e.distill, e.ft_epochs, e.sparsity) for e in sweep
+                    if e.model == model and e.seed == seed}
+            assert (2.0, "macs", "none", None, 0) in mine
+        assert {(e.speed_up, e.target, e.distill, e.ft_epochs, e.sparsity) for e in sweep
+                if e.model == model and e.seed == 0} >= {
+            (3.0, "macs", "none", 20, 0), (3.0, "macs", "none", None, 0),
+            (2.0, "latency", "none", None, 0), (2.0, "macs", "cwd", None, 0)}
         assert len({e.baseline_key() for e in sweep if e.model == model}) == len(study.SEEDS)  # a baseline per seed
     assert [e.name for e in sweep[:4]] == ["v8n-lamp-2x", "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "11n-lamp-2x"]
+    assert "26n-lamp-3x" in names
     assert [e.name for e in sweep if e.alone] == ["v8n-lamp-2x-latency", "11n-lamp-2x-latency", "26n-lamp-2x-latency"]
 
 
@@ -93,6 +97,9 @@ def test_queue_command_line():
     assert sets == ["baseline.threads=1", "finetune.threads=1", "benchmark.iters=100",
                     "benchmark.warmup=10", "model=yolo11n.yaml", "speed_up=3.0", "method=lamp",
                     "prune.target=latency", "finetune.distill.method=cwd", "finetune.epochs=20"]
+    sparse = study.Experiment("yolo11n.yaml", 3.0, ft_epochs=20, sparsity=5)
+    assert sparse.name == "11n-lamp-3x-sp5-ft20" and sparse.command()[-2:] == ["-S", "sparsity.epochs=5"]
+    assert sparse.baseline_key() == study.Experiment("yolo11n.yaml", 3.0).baseline_key()  # trained before sparsity
     seeded = study.Experiment("yolo11n.yaml", 3.0, ft_epochs=20, seed=1)
     assert seeded.name == "11n-lamp-3x-ft20-s1" and seeded.command()[-2:] == ["-S", "++baseline.args.seed=1"]
     assert seeded.baseline_key() != study.Experiment("yolo11n.yaml", 3.0).baseline_key()
@@ -115,6 +122,7 @@ def test_ready_waits_for_a_baseline_in_training():
     # yolov8n's baseline is trained (v8n-lamp-2x done): its other rows go; 11n and 26n wait for theirs (running,
     # queued) to be trained
     # (and each seed's first row trains its own baseline)
+    # (v8n-lamp-3x is done)
     assert [e.name for e in ready if e.model == "configs/yolov8n.yaml"] == [
         "v8n-lamp-2x-s1", "v8n-lamp-2x-s2", "v8n-lamp-3x-ft20", "v8n-lamp-2x-latency", "v8n-lamp-2x-cwd"]
     assert {e.name for e in ready if e.model != "configs/yolov8n.yaml"} == {
@@ -128,7 +136,7 @@ def test_run_trains_each_baseline_once_then_the_rest(fake):
     assert [fake.calls[i][-1] for i in runs] == ["2", "2", "1"]  # the latency target's runs alone, last
     first = [c[4] for c in fake.calls[:runs[0]]]
     assert first == [f"study-{f}-lamp-2x{s}" for f in ("v8n", "11n", "26n") for s in ("", "-s1", "-s2")]
-    assert len(fake.calls[runs[0] + 1:runs[1]]) == 18 - 9 - 3
+    assert len(fake.calls[runs[0] + 1:runs[1]]) == 21 - 9 - 3  # all but the baselines and the latency target
     assert {c[4] for c in fake.calls[runs[1] + 1:runs[2]]} == {e.dvc_name for e in study.sweep() if e.alone}
 
 
@@ -206,6 +214,12 @@ def test_time_alone_times_each_run_against_its_baseline(monkeypatch):
     assert (row.experiment, row.rev, row.rounds) == ("v8n-lamp-2x", "r-study-v8n-lamp-2x", 3)
     assert row.latency_speed_up == pytest.approx(row.base_latency_ms / row.latency_ms)
     assert row.base_latency_ms > 0 and row.latency_ms > 0 and 0 <= row.other_load <= 1
+    read.clear()  # timed once already: kept, not timed again; a newer run of the experiment is timed
+    again = study.time_alone(records, study.sweep(), rounds=3, done=df.assign(latency_ms=0.5))
+    assert read == [] and again.iloc[0].latency_ms == 0.5
+    newer = study.parse_exp_show(states({"study-v8n-lamp-2x": ("success", {"model": "x", "imgsz": 64})}))
+    newer = [study.Record(r.name, "r-newer", r.baseline, r.state, r.params, r.metrics) for r in newer]
+    assert study.time_alone(newer, study.sweep(), rounds=3, done=df).iloc[0].rev == "r-newer" and len(read) == 2
 
 
 def test_no_finished_run_times_to_an_empty_table_the_report_reads_as_none(tmp_path):
@@ -241,6 +255,9 @@ def test_report_redrawn_from_the_committed_table(tmp_path):
     again = pd.read_csv(tmp_path / "study" / "experiments.csv", keep_default_na=False, na_values=[""])
     pd.testing.assert_frame_equal(again, study.read_table(committed), check_exact=False, rtol=1e-5)
     assert study.main(["report", "--csv", str(tmp_path / "nosuch.csv")]) == 2
+    old = tmp_path / "old.csv"  # a table from before the sparsity column: its runs had none
+    pd.read_csv(committed).drop(columns="sparsity", errors="ignore").to_csv(old, index=False)
+    assert (study.read_table(old)["sparsity"] == 0).all()
     (tmp_path / "study" / "probes.md").write_text("## Probes\n\n| a probe row |\n")  # hand-run probes follow
     assert study.main(["--out", str(tmp_path), "report", "--csv", str(committed)]) == 0
     assert (tmp_path / "results.md").read_text().endswith("\n## Probes\n\n| a probe row |\n")
@@ -249,7 +266,7 @@ def test_report_redrawn_from_the_committed_table(tmp_path):
 def test_plan_prints_every_queue_command(capsys):
     assert study.main(["plan"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 18 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
+    assert len(lines) == 21 and all(ln.startswith("dvc exp run --queue --name study-") for ln in lines)
 
 
 def test_current_keeps_runs_whose_pipeline_code_is_heads(tmp_path):
@@ -272,3 +289,13 @@ def test_current_keeps_runs_whose_pipeline_code_is_heads(tmp_path):
     (tmp_path / "code.py").write_text("1\n")
     git("commit", "-qam", "c")
     assert study.current(runs, tmp_path) == []  # the stage's code changed: older results are not this code's
+
+
+def test_kept_rows_fill_in_experiments_not_run_on_this_code():
+    new = pd.DataFrame([{"experiment": "v8n-lamp-2x-sp5", "map50_95": 0.5, "commit": "new"}], columns=study.TABLE)
+    old = pd.DataFrame([{"experiment": e, "map50_95": 0.4, "commit": "old"}
+                        for e in ("v8n-lamp-2x-sp5", "v8n-lamp-2x", "no-longer-in-the-sweep")], columns=study.TABLE)
+    both = study.kept_rows(new, old, study.sweep())
+    assert list(both["experiment"]) == ["v8n-lamp-2x", "v8n-lamp-2x-sp5"]  # sweep order
+    assert list(both["commit"]) == ["old", "new"]  # this code's run wins over the committed one
+    assert study.kept_rows(new, old.iloc[:0], study.sweep()).equals(new)
