@@ -279,24 +279,3 @@ class FinetuneConfig(TrainConfig):
     # also fine-tune the unpruned baseline alike (stage control): retention against an equal training budget, so a
     # baseline stopped while still improving does not make pruning look free; false: the baseline is the control
     control: bool = True
-
-
-@dataclass(frozen=True)
-class SparsityConfig(Config):
-    """Validated sparsity-training settings (params.yaml ``sparsity``)."""
-
-    SECTION = "sparsity"
-    KINDS: ClassVar[tuple[str, ...]] = ("group_norm", "bn_l1")  # yoloprune.sparsity.REGULARIZERS' keys
-
-    epochs: int = 0  # epochs of regularised training before pruning (0: skip the stage)
-    reg: float = 5e-4  # penalty strength added to the gradients
-    kind: str = "group_norm"  # one of KINDS
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
-            raise YoloPruneError(f"sparsity.epochs must be an integer >= 0 (0 skips sparsity training), "
-                                 f"got {self.epochs!r}")
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)) or self.reg < 0:
-            raise YoloPruneError(f"sparsity.reg must be a number >= 0 (e.g. 5e-4), got {self.reg!r}")
-        if self.kind not in self.KINDS:
-            raise YoloPruneError(f"sparsity.kind '{self.kind}' is unknown: choose one of {', '.join(self.KINDS)}")
