@@ -19,7 +19,7 @@ from yoloprune.errors import YoloPruneError
 from yoloprune.io import load_model, save_model
 from yoloprune.macs import MacCounter, deployed_branch
 from yoloprune.prune import PruneConfig, prune_model
-from yoloprune.runtime import resolve_device, time_interleaved
+from yoloprune.runtime import resolve_device, round_best, time_interleaved, time_rounds
 
 IMGSZ = 128
 FAST = {"imgsz": IMGSZ, "warmup": 2, "iters": 5, "threads": 1}
@@ -46,6 +46,7 @@ def test_torch_report_has_sane_json_ready_values(v8):
     assert (report["imgsz"], report["batch"], report["threads"], report["iters"]) == (IMGSZ, 2, 1, 6)
     assert (report["runtime"], report["device"], report["half"], report["branch"]) == ("torch", "cpu", False, "single")
     assert 0 < report["latency_min_ms"] <= report["latency_median_ms"] <= report["latency_p90_ms"]
+    assert report["latency_min_ms"] <= report["latency_best_ms"] <= max(report["latency_p90_ms"], report["latency_median_ms"])
     assert report["latency_mean_ms"] > 0 and report["latency_std_ms"] >= 0
     assert math.isclose(report["fps"], 2 * 1000 / report["latency_median_ms"])
     model = load_model(v8["base"])
@@ -80,6 +81,28 @@ def test_models_are_timed_taking_turns_so_a_slow_spell_does_not_skew_them(monkey
     # one turn of three slowed: 4 of big's 12 calls; the medians, and their ratio, hold
     assert sum(t > 3 for t in big) == 4 and np.median(big) == pytest.approx(2.0) and np.median(small) == pytest.approx(1.0)
     assert time_interleaved([run("one")], warmup=0, iters=3, device=torch.device("cpu")) and calls[-3:] == ["one"] * 3
+
+
+def test_round_best_is_the_median_of_each_rounds_fastest_call_so_slow_spells_do_not_move_it(monkeypatch):
+    clock = {"now": 0.0}
+    calls: list[str] = []
+
+    def run(name: str):
+        def call():  # 2 ms for big, 1 ms for small; small 5 ms slower when it follows itself (threads still busy)
+            slow = name == "small" and calls[-1:] == ["small"]
+            calls.append(name)
+            clock["now"] += (0.002 if name == "big" else 0.001) + (0.005 if slow else 0)
+        return call
+
+    monkeypatch.setattr("yoloprune.runtime.time.perf_counter", lambda: clock["now"])
+    big, small = time_rounds([run("big"), run("small")], warmup=0, iters=15, device=torch.device("cpu"), rounds=3,
+                             settle=0)
+    assert [len(turn) for turn in big] == [len(turn) for turn in small] == [5, 5, 5]  # per round, in call order
+    # rounds: big, small | small, big | big, small: small's second turn follows its first, all of it slow
+    assert [min(turn) for turn in small] == pytest.approx([1.0, 6.0, 1.0])
+    assert np.median([t for turn in small for t in turn]) == pytest.approx(6.0)  # 13 of 15 calls slow: the median
+    assert round_best(small) == pytest.approx(1.0) and round_best(big) == pytest.approx(2.0)  # not this
+    assert round_best([[3.0, 1.0], [], [2.0]]) == 1.5  # an empty round (fewer calls than rounds) is skipped
 
 
 def test_benchmark_many_reports_each_model_as_benchmark_does(v8):
@@ -132,7 +155,7 @@ def test_compare_gives_ratios_and_a_table(reports):
     assert cmp["metrics"]["macs"]["pruned"] < cmp["metrics"]["macs"]["base"]
     assert abs(cmp["macs_speed_up"] - 2.0) <= 2.0 * 0.02  # PruneConfig's tolerance, same imgsz and branch
     assert 0 < cmp["params_ratio"] < 1
-    assert math.isclose(cmp["latency_speed_up"], base["latency_median_ms"] / pruned["latency_median_ms"])
+    assert math.isclose(cmp["latency_speed_up"], base["latency_best_ms"] / pruned["latency_best_ms"])
     assert math.isclose(cmp["fps_ratio"], pruned["fps"] / base["fps"])
     assert math.isclose(cmp["metrics"]["params"]["ratio"], pruned["params"] / base["params"])
     assert "map50_95_retention_pct" not in cmp  # no data given
@@ -140,6 +163,7 @@ def test_compare_gives_ratios_and_a_table(reports):
     rows = cells(table)
     assert rows[0] == ["metric", "base", "pruned", "change"]
     assert any(r[0] == "GMACs" and r[3].endswith("x fewer") for r in rows)
+    assert any(r[0] == "latency (ms)" and r[3].endswith("x faster") for r in rows)
     assert any(r[0] == "latency median (ms)" and r[3].endswith("x faster") for r in rows)
     assert f"imgsz {IMGSZ}, batch 1, torch on cpu, threads 1" in table
 
@@ -151,7 +175,9 @@ def test_compare_reports_accuracy_retention():
     cmp = compare(base, pruned)
     assert math.isclose(cmp["map50_95_retention_pct"], 95.0) and math.isclose(cmp["map50_retention_pct"], 98.0)
     headline = (cmp["macs_speed_up"], cmp["latency_speed_up"], cmp["fps_ratio"], cmp["params_ratio"])
-    assert headline == (2.0, 1.25, 1.25, 0.5)
+    assert headline == (2.0, 1.25, 1.25, 0.5)  # reports without latency_best_ms (older ones): the medians' ratio
+    steady = compare(dict(base, latency_best_ms=6.0), dict(pruned, latency_best_ms=3.0))
+    assert steady["latency_speed_up"] == 2.0  # with it, the speed-up compares the rounds' fastest calls
     assert ["mAP50-95", "0.4", "0.38", "95.0% retained"] in cells(format_table(cmp))
     zero = compare(dict(base, map50_95=0.0), pruned)  # an untrained base: retention is undefined, not infinite
     assert "map50_95_retention_pct" not in zero and "ratio" not in zero["metrics"]["map50_95"]

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloprune.errors import YoloPruneError, check_imgsz
-from yoloprune.runtime import time_calls, time_interleaved
+from yoloprune.runtime import time_calls, time_rounds
 from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
@@ -242,8 +242,8 @@ class Runtime:
         if reps is None:
             reps = max(5, min(50, math.ceil(100 / max(_best(runs[1], 3, self.torch_device), 1e-3))))
         # each turn: two untimed calls (kernel choice, allocation; another session's spinning threads), reps timed
-        base_ms, pruned_ms = ([min(t[r * reps:(r + 1) * reps]) for r in range(rounds)]
-                              for t in time_interleaved(runs, 0, rounds * reps, self.torch_device, rounds, settle=2))
+        base_ms, pruned_ms = ([min(turn) for turn in per_run]
+                              for per_run in time_rounds(runs, 0, rounds * reps, self.torch_device, rounds, settle=2))
         return base_ms, pruned_ms
 
     @property
