@@ -229,6 +229,23 @@ def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, 
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
 
 
+def test_a_check_counts_the_median_of_its_timings_not_a_lucky_one(yolo_tables, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import TIMINGS, prune_model
+
+    # one timing far above the truth, one far below, one at it: the check reads the middle one, not the lucky 2.0x
+    timings = iter([2.0, 1.0, 1.6] * 10)
+    calls = []
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: calls.append(1) or next(timings))
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05)
+    report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    assert TIMINGS == 3 and len(calls) == TIMINGS * len(report.latency_checks)
+    assert [c["measured_speed_up"] for c in report.latency_checks] == [1.6]  # past 1.5 x 1.05: accepted at once
+    assert report.measured_latency_speed_up == 1.6
+
+
 def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime

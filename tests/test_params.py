@@ -89,7 +89,7 @@ def test_cli_and_params_give_equal_configs():
         "prune", "yolov8n.yaml", "--speed-up", str(params["speed_up"]), "--method", params["method"],
         "--imgsz", str(params["imgsz"]), "--iterative-steps", str(p["iterative_steps"]), "--round-to",
         str(p["round_to"]), "--max-layer-ratio", str(p["max_layer_ratio"]),
-        "--global-pruning" if p["global_pruning"] else "--no-global-pruning",
+        "--global-pruning" if p["global_pruning"] else "--no-global-pruning", "--target", p["target"],
     ])
     assert PruneConfig.from_args(args) == PruneConfig.from_params(params)
     opset = params["export"]["opset"]
