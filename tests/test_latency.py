@@ -229,6 +229,23 @@ def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, 
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
 
 
+def test_the_aim_after_a_check_follows_a_table_whose_error_grows_with_the_pruning():
+    from yoloprune.prune import corrected_aim
+
+    # the runtime measures predicted ** 1.3: the deeper the pruning, the more the table underestimates the gain
+    measure = lambda p: p ** 1.3  # noqa: E731
+    first = 2.0 ** 0.7
+    aim = corrected_aim([(first, measure(first))], 2.1)
+    assert measure(aim) == pytest.approx(2.1)  # through the unpruned point: on target at once
+    linear = first * 2.1 / measure(first)  # scaling by the last ratio alone, as before: past it
+    assert measure(linear) > 2.1 * 1.03
+    second = 1.8
+    assert measure(corrected_aim([(first, measure(first)), (second, measure(second))], 2.1)) == pytest.approx(2.1)
+    # an exact table: the aim is the wanted speed-up; timings that fell between checks: the last ratio, bounded
+    assert corrected_aim([(1.5, 1.5)], 2.0) == pytest.approx(2.0)
+    assert corrected_aim([(1.5, 1.6), (1.7, 1.55)], 2.0) == pytest.approx(1.7 * 2.0 / 1.55)
+
+
 def test_a_check_counts_the_median_of_its_timings_not_a_lucky_one(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
     from yoloprune.latency import Runtime
@@ -290,8 +307,9 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
     assert checks[0]["predicted_speed_up"] == pytest.approx(1.5 ** FIRST_PASS, rel=0.06)  # the first pass stops short
-    # pruned on until measured a tolerance past the target (a measurement is good to a few per cent)
-    assert len(checks) >= 2 and checks[-1]["measured_speed_up"] >= 1.5 * (1 + cfg.tolerance)
+    # pruned on until measured a tolerance past the target (a measurement is good to a few per cent), or at the target
+    # where this tiny network's blocks leave no room for the margin (the table, timed here, decides how far that is)
+    assert len(checks) >= 2 and checks[-1]["measured_speed_up"] >= 1.5
     assert all(c["measured_speed_up"] < 1.5 * (1 + cfg.tolerance) for c in checks[:-1])
     assert all(c["measured_speed_up"] < c["predicted_speed_up"] for c in checks)
     assert report.measured_latency_speed_up == checks[-1]["measured_speed_up"]
