@@ -233,7 +233,7 @@ def test_the_aim_after_a_check_follows_a_table_whose_error_grows_with_the_prunin
     from yoloprune.prune import corrected_aim
 
     # the runtime measures predicted ** 1.3: the deeper the pruning, the more the table underestimates the gain
-    measure = lambda p: p ** 1.3  # noqa: E731
+    measure = lambda p: p ** 1.3
     first = 2.0 ** 0.7
     aim = corrected_aim([(first, measure(first))], 2.1)
     assert measure(aim) == pytest.approx(2.1)  # through the unpruned point: on target at once
