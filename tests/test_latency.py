@@ -286,7 +286,7 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
 
     calls = []
 
-    def slower_than_predicted(self, base, pruned, imgsz, rounds=9):
+    def slower_than_predicted(self, base, pruned, imgsz, rounds=9, runs=None):
         # a runtime on which the network gains 20 % less than the table predicts, in log terms
         predicted = calls_lat[0].whole_ms / calls_lat[0]()
         calls.append(predicted)

@@ -145,8 +145,9 @@ def cmd_fps(args: argparse.Namespace) -> int:
         write_json(report, args.report)
     acc = "".join(f", {k} {report[k]:.4f}" for k in ("map50", "map50_95") if k in report)
     print(f"{args.weights} ({report['runtime']}, {report['device']}, batch {report['batch']}, imgsz "
-          f"{report['imgsz']}, {report['threads']} threads): latency {report['latency_best_ms']:.2f} ms (median of each round's "
-          f"fastest), median {report['latency_median_ms']:.2f} ms, p90 {report['latency_p90_ms']:.2f} ms, {report['fps']:.1f} FPS, {report['gflops']:.2f} GFLOPs{acc}")
+          f"{report['imgsz']}, {report['threads']} threads): latency {report['latency_best_ms']:.2f} ms (each round's "
+          f"fastest, median over rounds), median {report['latency_median_ms']:.2f} ms, p90 "
+          f"{report['latency_p90_ms']:.2f} ms, {report['fps']:.1f} FPS, {report['gflops']:.2f} GFLOPs{acc}")
     return 0
 
 

@@ -35,7 +35,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -219,7 +219,8 @@ class Runtime:
         """Return a call that runs one batch-1 inference of ``model`` at ``imgsz`` on this runtime."""
         raise NotImplementedError
 
-    def speed_up(self, base: nn.Module, pruned: nn.Module, imgsz: int, rounds: int = 9) -> float:
+    def speed_up(self, base: nn.Module, pruned: nn.Module, imgsz: int, rounds: int = 9,
+                 runs: Sequence[Callable[[], object]] | None = None) -> float:
         """Return the measured speed-up of ``pruned`` over ``base``: base's fastest run / pruned's fastest run.
 
         The two are timed interleaved, in ``rounds`` rounds, every other one in reverse
@@ -227,18 +228,20 @@ class Runtime:
         not typical ones: on a shared 2-core machine slow periods come and go (measured,
         yolov8n at 640 px: the same pair's per-round ratio 2.3-4.5x, its fastest-run ratio
         3.3-3.6x over five measurements), and they slow a small network more than a big one.
+        ``runs``: the two networks' ``runner`` calls, built already (timed again, not exported again).
         """
-        base_ms, pruned_ms = self.paired_times(base, pruned, imgsz, rounds)
+        base_ms, pruned_ms = self.paired_times(base, pruned, imgsz, rounds, runs=runs)
         return min(base_ms) / min(pruned_ms)
 
     def paired_times(self, base: nn.Module, pruned: nn.Module, imgsz: int, rounds: int = 9,
-                     reps: int | None = None) -> tuple[list[float], list[float]]:
+                     reps: int | None = None, runs: Sequence[Callable[[], object]] | None = None,
+                     ) -> tuple[list[float], list[float]]:
         """Return per-round fastest times (ms) of ``base`` and ``pruned``, timed interleaved.
 
         ``reps`` runs per model and round; None: enough for about 0.1 s per model and round
         (5 runs of a 20 ms network, 25 of a 4 ms one), so a short network is not all noise.
         """
-        runs = [self.runner(m, imgsz) for m in (base, pruned)]
+        runs = list(runs) if runs is not None else [self.runner(m, imgsz) for m in (base, pruned)]
         if reps is None:
             reps = max(5, min(50, math.ceil(100 / max(_best(runs[1], 3, self.torch_device), 1e-3))))
         # each turn: two untimed calls (kernel choice, allocation; another session's spinning threads), reps timed
