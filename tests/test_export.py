@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
         if (name, pruned) not in cache:
             model = live_model(name)
             if pruned:
-                prune_model(model, PruneConfig(speed_up=2.0, imgsz=IMGSZ), progress=False)
+                prune_model(model, PruneConfig(speed_up=2.0, imgsz=IMGSZ, iterative_steps=10), progress=False)
             folder = root / f"{Path(name).stem}-{'pruned' if pruned else 'base'}"
             cache[name, pruned] = save_model(model, folder / "model.pt")
         return cache[name, pruned]

@@ -24,7 +24,7 @@ def pruned_pt(tmp_path_factory):
     torch.manual_seed(123)
     expected = torch.rand(3)  # what the caller's global RNG gives next, unless prune_model reseeded it
     torch.manual_seed(123)
-    report = prune_model(model, PruneConfig(speed_up=2.0, imgsz=320), progress=False)
+    report = prune_model(model, PruneConfig(speed_up=2.0, imgsz=320, iterative_steps=10), progress=False)
     rng_kept = torch.equal(torch.rand(3), expected)
     path = tmp_path_factory.mktemp("pruned") / "pruned.pt"
     save_model(model, path, report.to_dict())

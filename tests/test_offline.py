@@ -26,7 +26,7 @@ RUN = textwrap.dedent("""
     from yoloprune.cli import main
     out = pathlib.Path(tempfile.mkdtemp()) / "p.pt"
     assert main(["convert", "yolo11n.yaml", "-o", str(out.with_name("c.pt"))]) == 0
-    assert main(["prune", "yolo11n.yaml", "--speed-up", "1.5", "--imgsz", "320", "-o", str(out), "-q"]) == 0
+    assert main(["prune", "yolo11n.yaml", "--speed-up", "1.5", "--imgsz", "320", "--iterative-steps", "10", "-o", str(out), "-q"]) == 0
     from ultralytics import YOLO
     YOLO(str(out)).predict(__import__("numpy").zeros((64, 64, 3), "uint8"), imgsz=64, verbose=False)
     print("ATTEMPTS", attempts)
