@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -69,6 +70,13 @@ def test_cache_is_reused_and_invalidated_by_runtime_threads_and_imgsz(tmp_path, 
         assert other.measured == 3 and other.calls > 3, changed
         assert other.path != first.path
     assert len(list(tmp_path.glob("*.json"))) == 4
+    # a file at the same key in another layout (an older build under the same version, a file cut short) is measured
+    # again and overwritten, not a crash
+    for broken in ({**json.loads(first.path.read_text()), "network": {"wall_ms": 1.0, "nodes_ms": 1.0}}, {"x": 1}):
+        first.path.write_text(json.dumps(broken))
+        rebuilt = build()
+        assert rebuilt.measured == 3 and rebuilt.calls > 3
+        assert "nodes_ms" not in first.path.read_text() and build().measured == 0
 
 
 def test_missing_runtime_is_a_one_line_error(monkeypatch):

@@ -56,7 +56,7 @@ GRID = (0.25, 0.5, 0.75, 1.0)  # share of a layer's channels timed per dimension
 MOVING_OPS = ("QuickGelu", "Sigmoid", "Mul", "Concat", "Split", "Add", "Upsample", "Resize", "MaxPool", "Slice",
               "ReorderInput", "ReorderOutput")
 ODD = 4  # widths not a multiple of this leave the packed layout (measured 1.4-2x slower)
-CACHE_VERSION = 4  # bump when the table's layout or measuring changes, so old caches are not read
+CACHE_VERSION = 5  # bump when the table's layout or measuring changes, so old caches are not read
 
 
 class OtherLoad:
@@ -637,11 +637,9 @@ class LatencyModel:
         self.measured = 0  # table points timed by this build (0 when read from the cache)
         self.other_load = 0.0  # other processes' share of the CPU while this build timed (see OtherLoad)
         t0 = time.perf_counter()
-        cached = _read(self.path)
+        cached = _load(self.path, {s.key(): s for s in self.specs.values()}, keys)
         if cached is not None:
-            by_key = {s.key(): s for s in self.specs.values()}
-            tables = {k: table_from_dict(by_key[k], cached["tables"][k]) for k in keys}
-            net = NetProfile(**cached["network"])
+            tables, net = cached
             LOGGER.info("latency table read from %s", self.path)
         else:
             tables = {}
@@ -705,6 +703,19 @@ def _volume(m: nn.Conv2d, spec: ConvSpec) -> int:
     h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
             zip((spec.height, spec.width), spec.padding, spec.dilation, spec.kernel, spec.stride))
     return m.out_channels * h * w
+
+
+def _load(path: Path, specs: Mapping[str, ConvSpec], keys: list[str]) -> tuple[dict[str, LayerTable], NetProfile] | None:
+    """Return the tables and network profile cached at ``path``; None where there are none or they do not parse
+    (another layout under the same version, a truncated file): those are measured again and overwritten."""
+    cached = _read(path)
+    if cached is None:
+        return None
+    try:
+        return {k: table_from_dict(specs[k], cached["tables"][k]) for k in keys}, NetProfile(**cached["network"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        LOGGER.warning("latency table %s does not read as this version's layout (%s): measured again", path, e)
+        return None
 
 
 def _read(path: Path) -> dict | None:
