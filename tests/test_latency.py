@@ -326,16 +326,3 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
     assert unchecked.latency_checks == [] and unchecked.measured_latency_speed_up is None
     assert unchecked.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)
 
-
-def test_timing_sessions_do_not_spin_on_the_cores_of_the_session_taking_turns(tmp_path):
-    from yoloprune.latency import conv_onnx, conv_specs
-    from yoloprune.runtime import ort_session
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1))
-    spec = next(iter(conv_specs(model, 32).values()))
-    onnx_bytes = conv_onnx(spec, 3, 8)
-    (tmp_path / "conv.onnx").write_bytes(onnx_bytes)
-    for session in (OnnxRuntime(2).session(onnx_bytes), ort_session(tmp_path / "conv.onnx", 2)):
-        opts = session.get_session_options()
-        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        assert opts.intra_op_num_threads == 2

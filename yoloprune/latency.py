@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloprune.errors import YoloPruneError, check_imgsz
-from yoloprune.runtime import NO_SPIN, time_calls, time_rounds
+from yoloprune.runtime import time_calls, time_rounds
 from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
@@ -56,7 +56,8 @@ GRID = (0.25, 0.5, 0.75, 1.0)  # share of a layer's channels timed per dimension
 MOVING_OPS = ("QuickGelu", "Sigmoid", "Mul", "Concat", "Split", "Add", "Upsample", "Resize", "MaxPool", "Slice",
               "ReorderInput", "ReorderOutput")
 ODD = 4  # widths not a multiple of this leave the packed layout (measured 1.4-2x slower)
-CACHE_VERSION = 5  # bump when the table's layout or measuring changes, so old caches are not read
+CACHE_VERSION = 6  # bump when the table's layout or measuring changes, so old caches are not read (4, 5: timed
+# without thread spinning, a reverted experiment: docs/results.md)
 
 
 class OtherLoad:
@@ -314,7 +315,6 @@ class OnnxRuntime(Runtime):
         # Denormal floats take a slow path on x86 (measured: a random-init yolov8n at 160 px ran 22 ms instead of 4);
         # flushed to zero, timings depend on the widths, not on the weights' values.
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-        opts.add_session_config_entry(*NO_SPIN)
         return self.ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def node_times(self, model_bytes: bytes, shape: tuple[int, ...], reps: int) -> tuple[dict[str, float],

@@ -64,14 +64,6 @@ def flat_tensors(obj: Any, skip: Collection[str] = ()) -> list[torch.Tensor]:
     return []
 
 
-# ONNX Runtime's CPU threads spin after each run, waiting for the next; when two sessions take turns, as every speed-up
-# here is timed, the one waiting spins on the cores the other one runs on. Timed with spinning off, both run alike.
-# Measured (yolo11n and four MACs-pruned copies, 2-core CPU, four timings of each ratio, 15 interleaved rounds): with
-# spinning, the 4x copy's speed-up read 1.64-2.30x at 160 px and 1.49-1.97x at 640 px; without, 1.73-1.94x and
-# 1.78-1.96x, with the same typical value. Deployed alone, a session's spinning costs no other session anything.
-NO_SPIN = ("session.intra_op.allow_spinning", "0")
-
-
 def ort_session(onnx_path: str | Path, threads: int, device: torch.device | None = None):
     """Return an ONNX Runtime session for ``onnx_path``: ``threads`` intra-op threads, one inter-op, all optimisations.
 
@@ -94,7 +86,6 @@ def ort_session(onnx_path: str | Path, threads: int, device: torch.device | None
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry(*NO_SPIN)
     return ort.InferenceSession(str(onnx_path), opts, providers=providers)
 
 
