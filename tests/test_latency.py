@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -329,3 +330,48 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
     assert unchecked.latency_checks == [] and unchecked.measured_latency_speed_up is None
     assert unchecked.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)
 
+
+
+def test_a_table_that_promises_almost_nothing_does_not_send_the_first_pass_past_the_macs_target(yolo_tables,
+                                                                                                 monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.macs import MacCounter
+    from yoloprune.prune import prune_model
+
+    real_init = LatencyModel.__init__
+
+    def pessimistic(self, *a, **kw):  # a fixed part timed at a bad moment: 20x the network, pruning barely shows
+        real_init(self, *a, **kw)
+        self.fixed_ms += 20 * self.whole_ms
+        self.whole_ms *= 21
+
+    macs_ratios = []
+
+    def measured(self, base, pruned, imgsz, rounds=9, runs=None):  # the runtime: time follows MACs ** 0.8
+        macs_ratios.append(MacCounter(base, 64)() / MacCounter(pruned, 64)())
+        return macs_ratios[-1] ** 0.8
+
+    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
+    monkeypatch.setattr(Runtime, "speed_up", measured)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, verify=6)
+    report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    first = macs_ratios[0]  # the TIMINGS timings of the first check
+    assert first <= 1.5 * 1.1  # stopped at the MACs target, not at the most every layer may lose (3-4x here)
+    assert report.latency_checks[0]["predicted_speed_up"] < 1.1  # the table alone would have pruned on
+    assert report.measured_latency_speed_up >= 1.5  # the checks then prune on to the measured target
+    assert report.macs_speed_up < 1.5 ** (1 / 0.8) * 1.25  # and not far past what the runtime needs
+
+
+def test_macs_step_follows_the_speed_up_measured_per_macs_so_far():
+    from yoloprune.prune import macs_step
+
+    # 1.8x faster at 2x fewer MACs: speed-up = MACs ** 0.848; 2.06x then needs 2 * step fewer MACs
+    step = macs_step(2.0, 1.8, 2.06)
+    assert (2.0 * step) ** (math.log(1.8) / math.log(2.0)) == pytest.approx(2.06)
+    assert macs_step(2.0, 2.1, 2.06) == 1.0  # there already: nothing more
+    assert macs_step(2.0, 2.5, 3.0) == pytest.approx(3.0 / 2.5)  # faster than MACs (noise): the ratio, alpha 1
+    assert macs_step(4.0, 1.1, 1.2) == pytest.approx((1.2 / 1.1) ** (1 / 0.3))  # a slow one: bounded by alpha 0.3
+    assert macs_step(1.0, 1.0, 1.3) == pytest.approx(1.3)  # nothing pruned yet: MACs and time alike
