@@ -227,8 +227,8 @@ def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, 
     # short of the 5 % margin the checks aim for, with nothing left to prune
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.52)
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05, iterative_steps=10,
-                      max_layer_ratio=0.05)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, max_layer_ratio=0.05)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     checks = report.latency_checks
     assert report.measured_latency_speed_up == 1.52  # accepted, not an error
@@ -268,7 +268,8 @@ def test_a_check_counts_the_median_of_its_timings_not_a_lucky_one(yolo_tables, m
     calls = []
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: calls.append(1) or next(timings))
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05, iterative_steps=10)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert TIMINGS == 3 and len(calls) == TIMINGS * len(report.latency_checks)
     assert [c["measured_speed_up"] for c in report.latency_checks] == [1.6]  # past 1.5 x 1.05: accepted at once
@@ -285,7 +286,8 @@ def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
 
     monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.05)  # what a contended core times
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Busy)
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05, iterative_steps=10)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert len(report.latency_checks) == 1 and report.latency_checks[0]["trusted"] == "table"
     assert report.predicted_latency_speed_up == pytest.approx(1.5, rel=0.06)  # the table's target, not further
@@ -315,7 +317,8 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
     monkeypatch.setattr(LatencyModel, "__init__", keep)
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)  # a quiet machine, whatever else runs beside the tests
     model = load_model("yolov8n.yaml")
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05, iterative_steps=10)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10)
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
     assert checks[0]["predicted_speed_up"] == pytest.approx(1.5 ** FIRST_PASS, rel=0.06)  # the first pass stops short

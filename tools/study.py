@@ -516,8 +516,8 @@ def render(df: pd.DataFrame, missing_runs: dict[str, str] | None = None) -> str:
         lines += ["Not finished: " + ", ".join(f"{k} ({v})" for k, v in missing_runs.items()) + ".", ""]
     lines += ["![% of the equal-budget control vs measured speed-up, one panel per generation](results.png)", "",
               "## Pareto front", "",
-              "Per generation, no other setting of it is at least as fast and keeps as much of its control "
-              "(means over seeds; a setting is named by its first run):", "",
+              ("Per generation, no other setting of it is at least as fast and keeps as much of its control "
+               "(means over seeds; a setting is named by its first run):"), "",
               front.rename(columns={"label": "setting", "speed_up_x": "latency ×", "vs_control": "vs control %"})
               .to_markdown(index=False, floatfmt=("", "g", ".2f", ".1f")), "", "## Across seeds", "",
               "Each setting's runs, one per baseline training seed; retention as % of each run's own control:", "",

@@ -705,7 +705,8 @@ def _volume(m: nn.Conv2d, spec: ConvSpec) -> int:
     return m.out_channels * h * w
 
 
-def _load(path: Path, specs: Mapping[str, ConvSpec], keys: list[str]) -> tuple[dict[str, LayerTable], NetProfile] | None:
+def _load(path: Path, specs: Mapping[str, ConvSpec],
+          keys: list[str]) -> tuple[dict[str, LayerTable], NetProfile] | None:
     """Return the tables and network profile cached at ``path``; None where there are none or they do not parse
     (another layout under the same version, a truncated file): those are measured again and overwritten."""
     cached = _read(path)

@@ -46,7 +46,8 @@ LOGGER = logging.getLogger("yoloprune")
 
 BRANCHES = ("auto", "one2one", "one2many")
 TARGETS = ("macs", "latency")
-FIRST_PASS = 0.7  # target latency with checks: the first pass prunes to speed_up ** this, predicted (or speed_up x fewer MACs)
+FIRST_PASS = 0.7  # target latency with checks: the first pass prunes to speed_up ** this, predicted (or to speed_up
+# times fewer MACs, whichever comes first)
 # timings per check, their median counted: one alone is good to about +-15 % for a 3-ms network here (the same yolo11n
 # pair at 160 px timed 1.35-1.79x over ten timings), and the larger of two when short, as before, leaned to accepting
 # (yolo11n at 160 px: a check read 2.20x for a network an independent timing put at 1.56x)
