@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 
@@ -378,3 +379,35 @@ def test_macs_step_follows_the_speed_up_measured_per_macs_so_far():
     assert macs_step(2.0, 2.5, 3.0) == pytest.approx(3.0 / 2.5)  # faster than MACs (noise): the ratio, alpha 1
     assert macs_step(4.0, 1.1, 1.2) == pytest.approx((1.2 / 1.1) ** (1 / 0.3))  # a slow one: bounded by alpha 0.3
     assert macs_step(1.0, 1.0, 1.3) == pytest.approx(1.3)  # nothing pruned yet: MACs and time alike
+
+
+def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables, monkeypatch, caplog):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import prune_model
+
+    lats = []
+    real_init = LatencyModel.__init__
+
+    def keep(self, *a, **kw):
+        real_init(self, *a, **kw)
+        lats.append(self)
+
+    def cliff(self, base, pruned, imgsz, rounds=9, runs=None):  # short below 1.25x predicted, far past the target above
+        return 1.3 if lats[0].whole_ms / lats[0]() < 1.25 else 2.4
+
+    monkeypatch.setattr(LatencyModel, "__init__", keep)
+    monkeypatch.setattr(Runtime, "speed_up", cliff)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10)
+    with caplog.at_level(logging.WARNING, logger="yoloprune"):
+        report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    assert report.measured_latency_speed_up == 2.4
+    warned = [r.getMessage() for r in caplog.records if "past it" in r.getMessage()]
+    assert len(warned) == 1 and "measured 2.400x, 60 % past it" in warned[0] and "\n" not in warned[0]
+    caplog.clear()
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.6)  # within 15 %: no warning
+    with caplog.at_level(logging.WARNING, logger="yoloprune"):
+        prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    assert not [r for r in caplog.records if "past it" in r.getMessage()]
