@@ -709,20 +709,14 @@ def _load(path: Path, specs: Mapping[str, ConvSpec],
           keys: list[str]) -> tuple[dict[str, LayerTable], NetProfile] | None:
     """Return the tables and network profile cached at ``path``; None where there are none or they do not parse
     (another layout under the same version, a truncated file): those are measured again and overwritten."""
-    cached = _read(path)
-    if cached is None:
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or not JSON
         return None
     try:
         return {k: table_from_dict(specs[k], cached["tables"][k]) for k in keys}, NetProfile(**cached["network"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         LOGGER.warning("latency table %s does not read as this version's layout (%s): measured again", path, e)
-        return None
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
         return None
 
 

@@ -375,8 +375,8 @@ def prune_model(
             # the MACs at which it would be, measured speed-up following MACs as it has so far: whichever comes first
             wanted = enough * (1 + cfg.tolerance / 2)
             aim = corrected_aim([(c["predicted_speed_up"], c["measured_speed_up"]) for c in checks], wanted)
-            now, reached = prune_to(min(base_cost / aim, now), now, counter() / macs_step(base_macs / counter(),
-                                                                                         measured, wanted))
+            macs = counter()
+            now, reached = prune_to(min(base_cost / aim, now), now, macs / macs_step(base_macs / macs, measured, wanted))
         reached = True
         last = checks[-1]["measured_speed_up"] if checks and "trusted" not in checks[-1] else None
         if last is not None and last > cfg.speed_up * (1 + OVERSHOT):
