@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -394,7 +395,7 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
         lats.append(self)
 
     def cliff(self, base, pruned, imgsz, rounds=9, runs=None):  # short below 1.25x predicted, far past the target above
-        return 1.3 if lats[0].whole_ms / lats[0]() < 1.25 else 2.4
+        return 1.3 if lats[-1].whole_ms / lats[-1]() < 1.25 else 2.4  # the table of the model being pruned
 
     monkeypatch.setattr(LatencyModel, "__init__", keep)
     monkeypatch.setattr(Runtime, "speed_up", cliff)
@@ -404,6 +405,15 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
     with caplog.at_level(logging.WARNING, logger="yoloprune"):
         report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert report.measured_latency_speed_up == 2.4
+    # undone and pruned again between the two sides of the cliff until the checks ran out; the network handed back is
+    # the least pruned one measured past the target (the speed asked for), none of those measured short of it
+    checks = report.latency_checks
+    measured = [c["measured_speed_up"] for c in checks]
+    # (until the checks ran out, or the bracket was under 2 % wide in MACs: no width between lands on the target)
+    assert any(c.get("undone") for c in checks)
+    assert 1.3 in measured[measured.index(2.4):]  # the bracket was split after a pass went too far
+    assert report.macs_speed_up == pytest.approx(min(c["macs_speed_up"] for c in checks if c["measured_speed_up"] > 2))
+    assert lats[-1].whole_ms / lats[-1]() >= 1.25 and report.predicted_latency_speed_up >= 1.25
     warned = [r.getMessage() for r in caplog.records if "past it" in r.getMessage()]
     assert len(warned) == 1 and "measured 2.400x, 60 % past it" in warned[0] and "\n" not in warned[0]
     caplog.clear()
@@ -411,3 +421,104 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
     with caplog.at_level(logging.WARNING, logger="yoloprune"):
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert not [r for r in caplog.records if "past it" in r.getMessage()]
+
+
+def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_past_the_target(yolo_tables,
+                                                                                                  monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import TIMINGS, prune_model
+
+    timings = iter([2.4] * TIMINGS + [1.3] * 2 * TIMINGS)  # too far, then short twice: the checks run out short
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: next(timings))
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, verify=3)
+    model = load_model("yolov8n.yaml")
+    report = prune_model(model, cfg, progress=False)
+    checks = report.latency_checks
+    assert [c["measured_speed_up"] for c in checks] == [2.4, 1.3, 1.3]
+    assert checks[0]["undone"] and checks[-1]["undone"]
+    assert checks[0]["macs_speed_up"] > checks[2]["macs_speed_up"] > checks[1]["macs_speed_up"]  # the bracket split
+    # the first network, pruned again along the same path: the same widths, to the last channel
+    assert report.measured_latency_speed_up == 2.4 and report.macs_speed_up == checks[0]["macs_speed_up"]
+    assert report.macs_speed_up == MacCounter(load_model("yolov8n.yaml"), 64)() / MacCounter(model, 64)()
+
+
+def test_bracket_macs_interpolates_between_a_short_and_a_too_fast_network():
+    from yoloprune.prune import bracket_macs
+
+    # speed-up = MACs ** 1.5 between them: the interpolation lands on the MACs that give the wanted speed-up
+    r = bracket_macs((1.2, 1.2 ** 1.5), (2.0, 2.0 ** 1.5), 1.6)
+    assert r ** 1.5 == pytest.approx(1.6)
+    assert 1.2 < bracket_macs((1.2, 1.3), (1.3, 2.4), 1.31) < 1.3  # kept inside the bracket: each split narrows it
+    assert bracket_macs((1.2, 1.3), (1.21, 2.4), 1.6) is None  # under 2 % apart: a cliff, nothing lands between
+    assert bracket_macs((1.2, 1.7), (1.5, 2.4), 1.6) is None  # not a bracket of the wanted speed-up
+
+
+def test_restore_undoes_pruning_in_place_and_a_new_pruner_prunes_again():
+    from yoloprune.io import load_model
+    from yoloprune.prune import prepare, restore
+
+    model = prepare(load_model("yolov8n.yaml")).eval()
+    snapshot = copy.deepcopy(model)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)[0]
+    modules = list(model.modules())
+    counter = MacCounter(model, 64)
+    base = counter()
+
+    def prune() -> int:
+        pruner = tp.pruner.MagnitudePruner(model, torch.randn(1, 3, 64, 64), importance=tp.importance.MagnitudeImportance(),
+                                           pruning_ratio=0.5, ignored_layers=[model.model[-1]])
+        pruner.step()
+        return counter()
+
+    pruned = prune()
+    assert pruned < 0.6 * base
+    restore(model, snapshot)
+    assert list(model.modules()) == modules  # the same objects: the counter and the latency table still hold them
+    assert counter() == base
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], before)
+    assert prune() == pruned  # the graph of a new pruner sees the unpruned widths, and prunes alike
+    restore(model, snapshot)
+    assert counter() == base and snapshot is not model
+    with pytest.raises(ValueError, match="not a copy of this model"):
+        restore(model, prepare(load_model("yolo11n.yaml")))
+
+
+def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_tables, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import OVERSHOT, prune_model
+
+    # a runtime whose time falls faster than MACs (speed-up = MACs ** 1.6), and a table that promises little: the first
+    # pass stops at its bound, 1.5x fewer MACs, and measures 1.91x for 1.5x asked, past the 15 % it may overshoot
+    def faster_than_macs(self, base, pruned, imgsz, rounds=9, runs=None):
+        return (MacCounter(base, 64)() / MacCounter(pruned, 64)()) ** 1.6
+
+    real_init = LatencyModel.__init__
+
+    def pessimistic(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.fixed_ms += 20 * self.whole_ms
+        self.whole_ms *= 21
+
+    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
+    monkeypatch.setattr(Runtime, "speed_up", faster_than_macs)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, verify=6)
+    model = load_model("yolov8n.yaml")
+    report = prune_model(model, cfg, progress=False)
+    checks = report.latency_checks
+    assert checks[0]["measured_speed_up"] > 1.5 * (1 + OVERSHOT) and checks[0]["undone"]
+    assert len(checks) >= 2 and "undone" not in checks[-1]
+    assert 1.5 <= report.measured_latency_speed_up <= 1.5 * (1 + OVERSHOT)  # on target, not 27 % past it
+    # the network handed back is the one measured last, pruned again from the unpruned one
+    assert report.measured_latency_speed_up == pytest.approx(report.macs_speed_up ** 1.6)
+    assert report.macs_speed_up == pytest.approx(checks[-1]["macs_speed_up"])
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 64, 64))[0].shape[1] == 84  # a whole network: the head's outputs kept

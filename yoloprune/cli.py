@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latency-cache", help="--target latency: folder of the cached latency tables "
                                            "(default ~/.cache/yoloprune/latency)")
     r.add_argument("--verify", type=int, help="--target latency: time the pruned network on the runtime up to N "
-                                             "times, pruning on while it is short of the target (default 4; 0: "
+                                             "times, pruning on while it is short of the target (default 6; 0: "
                                              "trust the table)")
     r.add_argument("--cost-power", type=float, help="--target latency: rank channels by importance / (ms saved) "
                                                     "** P (default 0: importance alone, measured best)")

@@ -7,11 +7,11 @@ first, just enough to reach it, so the target is met within a channel at any
 ``iterative_steps``. With ``target: latency`` the cost is the latency model's
 prediction, widths move in whole blocks of the runtime's kernels, and the result is
 timed on the runtime (``verify`` checks): while the measured speed-up is short of the
-target, the prediction is corrected by the measured ratio and pruning goes on
-(``CostAware`` can also divide each group's importance by the time it saves). Output
-layers are never pruned: every head's final convs
-and linears, DFL, the mask prototypes' output conv, and the attention internals
-(see ``AttentionV2``).
+target, the prediction is corrected by the measured ratio and pruning goes on; a pass
+measured too far past it is undone (``restore``) and replayed to a MACs count between
+the two (``bracket_macs``). ``CostAware`` can also divide each group's importance by the
+time it saves. Output layers are never pruned: every head's final convs and linears, DFL,
+the mask prototypes' output conv, and the attention internals (see ``AttentionV2``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class PruneConfig(Config):
     latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
     cost_power: float = 0.0  # target latency: rank by importance / time saved ** this (0: importance alone)
     calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels
-    verify: int = 4  # target latency: time the result on the runtime up to this many times, pruning on while short
+    verify: int = 6  # target latency: time the result on the runtime up to this many times, pruning on while short
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -141,6 +141,18 @@ def macs_step(macs_speed_up: float, measured: float, wanted: float) -> float:
     the table's aim: a table timed at a bad moment can put the target past everything pruning may remove."""
     alpha = math.log(measured) / math.log(macs_speed_up) if macs_speed_up > 1.001 and measured > 1.001 else 1.0
     return max(wanted / measured, 1.0) ** (1 / min(max(alpha, 0.3), 1.0))
+
+
+def bracket_macs(short: tuple[float, float], over: tuple[float, float], wanted: float) -> float | None:
+    """Return the MACs speed-up between a network measured short of ``wanted`` and one measured past it ((MACs
+    speed-up, measured speed-up) each) at which the speed-up, interpolated in log-log between them, is ``wanted``;
+    kept within the middle 80 % of the bracket so that each split narrows it. None where the two are under 2 % apart
+    in MACs: the runtime's time falls off a cliff there, and no width between them lands on the target."""
+    (r0, m0), (r1, m1) = short, over
+    if r1 < r0 * 1.02 or not m0 < wanted < m1:
+        return None
+    t = math.log(wanted / m0) / math.log(m1 / m0)
+    return r0 * (r1 / r0) ** min(max(t, 0.1), 0.9)
 
 
 @dataclass
@@ -241,6 +253,20 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def restore(model: nn.Module, snapshot: nn.Module) -> None:
+    """Give every module of ``model`` the state of its namesake in ``snapshot``, a copy taken before pruning, in place.
+
+    The module objects stay the ones the caller, the MACs counter and the latency table hold; their parameters,
+    buffers and widths go back. Torch-Pruning's graph of the pruned state is stale afterwards: build a new pruner.
+    """
+    fresh = copy.deepcopy(snapshot)  # the snapshot stays as it is, for the next undo
+    pairs = list(zip(model.named_modules(), fresh.named_modules()))
+    if len(pairs) != len(list(model.modules())) or any(a != b or type(m) is not type(o) for (a, m), (b, o) in pairs):
+        raise ValueError("restore: the snapshot is not a copy of this model (its modules differ)")
+    for (_, m), (_, src) in pairs:
+        m.__dict__.update({k: v for k, v in src.__dict__.items() if k != "_modules"})
+
+
 @torch.random.fork_rng()  # the seed below stays inside: the caller's global RNG is as it was afterwards
 def prune_model(
     model: nn.Module,
@@ -278,21 +304,28 @@ def prune_model(
     cost: Cost = latency if latency is not None else counter
     base_cost = cost()
     target = base_cost / cfg.speed_up
-    importance = method.build()
-    if latency is not None:
-        importance = CostAware(importance, latency, round_to, cfg.cost_power)
-    pruner = tp.pruner.BasePruner(
-        model,
-        example,
-        importance=TieBreak(importance, cfg.seed),
-        global_pruning=cfg.global_pruning,
-        pruning_ratio=1.0,
-        max_pruning_ratio=cfg.max_layer_ratio,
-        iterative_steps=cfg.iterative_steps,
-        round_to=round_to,
-        ignored_layers=ignored,
-        forward_fn=trace_forward,
-    )
+    verify = latency is not None and cfg.verify > 0
+    snapshot = copy.deepcopy(model) if verify else None  # what a pass that went too far is undone to
+
+    def new_pruner() -> tp.pruner.BasePruner:
+        importance = method.build()
+        if latency is not None:
+            importance = CostAware(importance, latency, round_to, cfg.cost_power)
+        torch.manual_seed(cfg.seed)  # a replayed path draws what it drew the first time (random importance)
+        return tp.pruner.BasePruner(
+            model,
+            example,
+            importance=TieBreak(importance, cfg.seed),
+            global_pruning=cfg.global_pruning,
+            pruning_ratio=1.0,
+            max_pruning_ratio=cfg.max_layer_ratio,
+            iterative_steps=cfg.iterative_steps,
+            round_to=round_to,
+            ignored_layers=ignored,
+            forward_fn=trace_forward,
+        )
+
+    pruner = new_pruner()
     if method.needs_gradients and loss_fn is None:
         LOGGER.warning("method %s without a loss function scores channels with gradients of random images, barely "
                        "better than random; pass loss_fn=yoloprune.calibration.real_loss(...) (CLI: --data DATA.yaml) "
@@ -319,32 +352,53 @@ def prune_model(
         finally:
             bar.close()
 
+    def replay(path: list[tuple[float, float]]) -> tuple[float, bool]:
+        """Undo all pruning (in place: the modules stay the objects the counter, the table and the caller hold) and
+        prune again along ``path``, its passes' (cost goal, MACs floor): the same channels go, in the same order."""
+        nonlocal pruner
+        restore(model, snapshot)
+        pruner = new_pruner()
+        now, reached = base_cost, True
+        for goal, floor in path:
+            now, reached = prune_to(goal, now, floor)
+        return now, reached
+
     checks: list[dict] = []
-    verify = latency is not None and cfg.verify > 0
-    # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): pruning cannot be undone, and the
-    # table can err either way (yolov8n, 640 px: asked 3x, predicted 3.04x, measured 3.3x; 160 px: asked 2x, 2.19x).
+    # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): the table can err either way
+    # (yolov8n, 640 px: asked 3x, predicted 3.04x, measured 3.3x; 160 px: asked 2x, 2.19x)
     goal = base_cost / cfg.speed_up ** FIRST_PASS if verify else target
     # ... and at speed_up times fewer MACs, whatever the table says: no network timed yet ran more than its MACs
     # speed-up faster (2.0-2.1x at 2.4-2.7x fewer MACs), and a table timed at a bad moment can promise almost
     # nothing (yolo26n at 160 px: its fixed part 1.35 of 6.1 ms; the first pass, aimed at 1.62x predicted, pruned to
     # 5.2x fewer MACs and measured 3.8x for 2x asked)
-    now, reached = prune_to(goal, base_cost, base_macs / cfg.speed_up if verify else 0.0)
+    path = [(goal, base_macs / cfg.speed_up if verify else 0.0)]  # the passes from the unpruned network to here
+    now, reached = prune_to(path[0][0], base_cost, path[0][1])
+    measured_final = None
     if verify:  # measured even where the table says the target is out of reach: it can be pessimistic
         # The table predicts; the runtime decides: time the network, correct the prediction by the measured ratio
         # and prune on, until the measured speed-up reaches the target
         # aimed a tolerance past the target: a measurement is only good to a few per cent (yolo11n at 640 px: a check
         # timed 2.005x, an independent timing of the same pair 1.916x), and a result just at it lands short half the time
         enough = cfg.speed_up * (1 + cfg.tolerance)
+        too_far = cfg.speed_up * (1 + OVERSHOT)
+        wanted = enough * (1 + cfg.tolerance / 2)
+        # the bracket: the fastest network measured short of the target (the unpruned one first) and the slowest
+        # measured too far past it, as (path, MACs speed-up, measured speed-up, predicted cost)
+        short: tuple[list, float, float, float] = ([], 1.0, 1.0, base_cost)
+        over: tuple[list, float, float, float] | None = None
         base_run = runtime.runner(base_model, cfg.imgsz)  # exported once: the base does not change between checks
         for i in range(cfg.verify):
             runs = (base_run, runtime.runner(model, cfg.imgsz))  # the pruned network exported once per check
             with OtherLoad() as load:  # the median of a few timings: one alone errs either way
                 measured = statistics.median(runtime.speed_up(base_model, model, cfg.imgsz, runs=runs)
                                              for _ in range(TIMINGS))
-            predicted = base_cost / now
-            checks.append({"predicted_speed_up": predicted, "measured_speed_up": measured, "other_load": load.share})
-            LOGGER.info("latency check: predicted %.3fx, measured %.3fx on %s", predicted, measured, cfg.runtime)
-            if measured >= enough:
+            predicted, macs_x = base_cost / now, base_macs / counter()
+            checks.append({"predicted_speed_up": predicted, "measured_speed_up": measured,
+                           "macs_speed_up": macs_x, "other_load": load.share})
+            measured_final = measured
+            LOGGER.info("latency check: predicted %.3fx, measured %.3fx at %.3fx fewer MACs on %s",
+                        predicted, measured, macs_x, cfg.runtime)
+            if enough <= measured <= too_far:
                 break
             if load.share > BUSY or latency.other_load > BUSY:
                 # Timings on a busy machine are noise: with a training job on the other core, yolov8n at 160 px timed
@@ -354,36 +408,64 @@ def prune_model(
                                "prediction decides; prune on a quiet machine for a measured target",
                                100 * max(load.share, latency.other_load))
                 checks[-1]["trusted"] = "table"
+                measured_final = None
                 if now > target:
                     now, reached = prune_to(target, now)
                 break
-            if not reached and measured >= cfg.speed_up:  # the target, but no room left for the margin past it
+            if measured > too_far:
+                if over is None or macs_x < over[1]:
+                    over = (list(path), macs_x, measured, now)
+            elif macs_x > short[1]:
+                short = (list(path), macs_x, measured, now)
+            if measured < enough and not reached and measured >= cfg.speed_up:
+                # the target, but no room left for the margin past it
                 LOGGER.info("latency target %gx: measured %.3fx; no more could go for a margin past it",
                             cfg.speed_up, measured)
                 break
-            if not reached:  # the table said no more could go, and the runtime agrees
+            if measured < enough and not reached:  # the table said no more could go, and the runtime agrees
                 raise YoloPruneError(
                     f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
                     f"round_to={round_to}: the most pruning reaches {measured:.3f}x measured on {cfg.runtime}; "
                     "lower the target or raise max_layer_ratio")
-            if i == cfg.verify - 1:
-                if measured < cfg.speed_up:
+            between = bracket_macs(short[1:3], over[1:3], wanted) if over is not None else None
+            if i == cfg.verify - 1 or (over is not None and between is None):
+                if measured < cfg.speed_up and over is not None:
+                    # short after undoing a pass that went too far: the one measured past the target is the result
+                    now, reached = replay(over[0])
+                    measured_final = over[2]
+                    checks[-1]["undone"] = True
+                elif measured < cfg.speed_up:
                     LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune "
                                    "on", cfg.speed_up, measured, cfg.verify)
                 break
-            # the predicted cost at which the measured one would be `enough`, aimed half the tolerance past it, or
-            # the MACs at which it would be, measured speed-up following MACs as it has so far: whichever comes first
-            wanted = enough * (1 + cfg.tolerance / 2)
-            aim = corrected_aim([(c["predicted_speed_up"], c["measured_speed_up"]) for c in checks], wanted)
-            macs = counter()
-            now, reached = prune_to(min(base_cost / aim, now), now, macs / macs_step(base_macs / macs, measured, wanted))
+            if over is None:
+                # the predicted cost at which the measured one would be `enough`, aimed half the tolerance past it,
+                # or the MACs at which it would be, measured speed-up following MACs as it has so far: whichever
+                # comes first
+                aim = corrected_aim([(c["predicted_speed_up"], c["measured_speed_up"]) for c in checks], wanted)
+                step = (min(base_cost / aim, now), base_macs / macs_x / macs_step(macs_x, measured, wanted))
+                path.append(step)
+                now, reached = prune_to(step[0], now, step[1])
+            else:
+                # Pruning cannot be undone in place, but it can be replayed: a pass that went too far (the runtime's
+                # time fell faster than its table and MACs foretold: yolov8n at 640 px, 2.37x then 3.58x measured
+                # for 3x asked) is undone to the fastest network measured short of the target, which prunes on to
+                # the MACs between the two at which the speed-up, interpolated in log-log, is the one wanted
+                step = (over[3], base_macs / between)
+                if measured > too_far:
+                    checks[-1]["undone"] = True
+                    path = [*short[0], step]
+                    now, reached = replay(path)
+                else:  # here is the short end of the bracket: prune on from it
+                    path.append(step)
+                    now, reached = prune_to(step[0], now, step[1])
         reached = True
-        last = checks[-1]["measured_speed_up"] if checks and "trusted" not in checks[-1] else None
-        if last is not None and last > cfg.speed_up * (1 + OVERSHOT):
-            # pruning cannot be undone: say so, since the fine-tune will recover less than the target needed
-            LOGGER.warning("latency target %gx: measured %.3fx, %.0f %% past it (%d checks; the runtime's time fell "
-                           "faster than its table and MACs foretold in the last pass); a lower speed_up prunes less",
-                           cfg.speed_up, last, 100 * (last / cfg.speed_up - 1), len(checks))
+        if measured_final is not None and measured_final > too_far:
+            # the fine-tune will recover less than the target needed: say so
+            LOGGER.warning("latency target %gx: measured %.3fx, %.0f %% past it, at %.3fx fewer MACs, and %.3fx at "
+                           "%.3fx (%d checks): the runtime's time fell faster between the two than its table and MACs "
+                           "foretold; a lower speed_up prunes less", cfg.speed_up, measured_final,
+                           100 * (measured_final / cfg.speed_up - 1), over[1], short[2], short[1], len(checks))
     steps = pruner.current_step - 1
     model.zero_grad(set_to_none=True)
     achieved = base_cost / now
@@ -402,7 +484,7 @@ def prune_model(
     if latency is not None:
         predicted = {"runtime": cfg.runtime, "predicted_base_ms": base_cost, "predicted_pruned_ms": now,
                      "predicted_latency_speed_up": achieved, "latency_checks": checks,
-                     "measured_latency_speed_up": checks[-1]["measured_speed_up"] if checks else None}
+                     "measured_latency_speed_up": measured_final}
     return PruneReport(
         base_macs=base_macs,
         pruned_macs=macs,
