@@ -417,24 +417,26 @@ def prune_model(
                     over = (list(path), macs_x, measured, now)
             elif macs_x > short[1]:
                 short = (list(path), macs_x, measured, now)
-            if measured < enough and not reached and measured >= cfg.speed_up:
-                # the target, but no room left for the margin past it
-                LOGGER.info("latency target %gx: measured %.3fx; no more could go for a margin past it",
-                            cfg.speed_up, measured)
-                break
-            if measured < enough and not reached:  # the table said no more could go, and the runtime agrees
-                raise YoloPruneError(
-                    f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} and "
-                    f"round_to={round_to}: the most pruning reaches {measured:.3f}x measured on {cfg.runtime}; "
-                    "lower the target or raise max_layer_ratio")
             between = bracket_macs(short[1:3], over[1:3], wanted) if over is not None else None
-            if i == cfg.verify - 1 or (over is not None and between is None):
-                if measured < cfg.speed_up and over is not None:
-                    # short after undoing a pass that went too far: the one measured past the target is the result
-                    now, reached = replay(over[0])
-                    measured_final = over[2]
-                    checks[-1]["undone"] = True
-                elif measured < cfg.speed_up:
+            last = i == cfg.verify - 1
+            if measured < cfg.speed_up and over is not None and (last or between is None or not reached):
+                # short after undoing a pass that went too far, and no more checks, no width between the two, or no
+                # room left in the schedule: the least pruned network measured past the target is the result
+                now, reached = replay(over[0])
+                measured_final = over[2]
+                checks[-1]["undone"] = True
+                break
+            if measured < enough and not reached:
+                if measured < cfg.speed_up:  # the table said no more could go, and the runtime agrees
+                    raise YoloPruneError(
+                        f"speed_up {cfg.speed_up:g} is not reachable with max_layer_ratio={cfg.max_layer_ratio:g} "
+                        f"and round_to={round_to}: the most pruning reaches {measured:.3f}x measured on "
+                        f"{cfg.runtime}; lower the target or raise max_layer_ratio")
+                LOGGER.info("latency target %gx: measured %.3fx; no more could go for a margin past it",
+                            cfg.speed_up, measured)  # the target, but no room left for the margin past it
+                break
+            if last or (over is not None and between is None):
+                if measured < cfg.speed_up:
                     LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune "
                                    "on", cfg.speed_up, measured, cfg.verify)
                 break
