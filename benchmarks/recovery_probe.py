@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "sparse5": {"sparsity.epochs": 5},
     "sparse5-bn": {"sparsity.epochs": 5, "sparsity.kind": "bn_l1"},
     "lamp-ft+5": {"finetune.epochs": "+5"},  # the equal-cost reference for the sparse5 variants: 5 more fine-tune epochs
+    # gradual: prune speed_up ** (1/K) and fine-tune epochs/K, K times (the same epochs in all)
+    "rounds2": {"rounds": 2},
+    "rounds4": {"rounds": 4},
 }
 
 
@@ -113,22 +116,34 @@ def main() -> None:
     for name in args.only:
         variant = dict(VARIANTS[name])
         unpruned = bool(variant.pop("unpruned", False))
+        rounds = int(variant.pop("rounds", 1))
         params = override(base_params, variant)
         cfg, ft = PruneConfig.from_params(params), FinetuneConfig.from_params(params)
         model = load_model(args.baseline if unpruned else sparse_model(args.model, params, sparse, Path(work.name)))
         loss_fn = real_loss(model, data, cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
             if not unpruned and get_method(cfg.method).needs_gradients else None
         report = {"macs_speed_up": 1.0, "pruned_params": sum(p.numel() for p in model.parameters())} if unpruned \
-            else prune_model(model, cfg, loss_fn=loss_fn).to_dict()
+            else prune_model(model, cfg, loss_fn=loss_fn).to_dict() if rounds == 1 else None
+        start = copy.deepcopy(model) if rounds > 1 else None  # gradual: each seed prunes and fine-tunes in rounds
         for seed in args.seeds:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="yoloprune-probe-") as tmp:
-                pruned = Path(tmp) / "pruned.pt"
-                save_model(model, pruned, report)
                 settings = ft.settings(params["imgsz"])
                 settings.update(seed=seed, distill=ft.distill, teacher=args.teacher if ft.distill.terms else None)
-                result = finetune(pruned, data, device="cpu", workers=ft.workers, threads=ft.threads,
-                                  out_dir=Path(tmp) / "run", **settings)
+                current, macs0 = copy.deepcopy(start) if rounds > 1 else model, None
+                for r in range(rounds):
+                    if rounds > 1:  # this round's share of the speed-up, on the model the last round fine-tuned
+                        part = PruneConfig(**{**cfg.__dict__, "speed_up": cfg.speed_up ** (1 / rounds)})
+                        report = prune_model(current, part).to_dict()
+                        macs0 = macs0 or report["base_macs"]
+                        report["macs_speed_up"] = macs0 / report["pruned_macs"]
+                        settings["epochs"] = ft.epochs // rounds + (r < ft.epochs % rounds)
+                    pruned = Path(tmp) / f"pruned{r}.pt"
+                    save_model(current, pruned, report)
+                    result = finetune(pruned, data, device="cpu", workers=ft.workers, threads=ft.threads,
+                                      out_dir=Path(tmp) / f"run{r}", **settings)
+                    if r < rounds - 1:
+                        current = load_model(result.best)
                 score = accuracy(Path(result.best), val, torch.device("cpu"))["map50_95"]
             row = {"variant": name, "seed": seed, "overrides": {**parse_set(args.set), **VARIANTS[name]},
                    "macs_speed_up": round(report["macs_speed_up"], 3),
