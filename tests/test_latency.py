@@ -445,6 +445,30 @@ def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_
     assert report.macs_speed_up == MacCounter(load_model("yolov8n.yaml"), 64)() / MacCounter(model, 64)()
 
 
+def test_a_bracket_whose_short_end_is_within_the_tolerance_hands_that_one_back(yolo_tables, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import TIMINGS, prune_model
+
+    # short by 3 % (within the 5 % tolerance), then 27 % past the target, then short again: of a network a little
+    # short of the target and one far past it, the one a little short is kept (a timing is good to a few per cent)
+    timings = iter([1.455] * TIMINGS + [1.9] * TIMINGS + [1.46] * TIMINGS)
+    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: next(timings))
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, verify=3)
+    model = load_model("yolov8n.yaml")
+    report = prune_model(model, cfg, progress=False)
+    checks = report.latency_checks
+    measured = [c["measured_speed_up"] for c in checks]
+    assert measured[:2] == [1.455, 1.9] and checks[1]["undone"]
+    assert report.measured_latency_speed_up in (1.455, 1.46)  # a short end, not the 1.9x one
+    kept = checks[measured.index(report.measured_latency_speed_up)]
+    assert report.macs_speed_up == pytest.approx(kept["macs_speed_up"])
+    assert report.macs_speed_up < checks[1]["macs_speed_up"]
+    assert report.macs_speed_up == MacCounter(load_model("yolov8n.yaml"), 64)() / MacCounter(model, 64)()
+
+
 def test_bracket_macs_interpolates_between_a_short_and_a_too_fast_network():
     from yoloprune.prune import bracket_macs
 

@@ -363,6 +363,17 @@ def prune_model(
             now, reached = prune_to(goal, now, floor)
         return now, reached
 
+    def settle(short: tuple, over: tuple, path: list, checked: list) -> tuple[float, bool, float]:
+        """Hand back one end of a bracket: the network measured short of the target where it is within the
+        tolerance of it (a measurement is good to a few per cent), else the least pruned one measured past it;
+        return its cost, whether it was reached and its measured speed-up. ``path`` leads to the network pruned
+        now, ``checked`` to the one the last check timed."""
+        keep = short if short[2] >= cfg.speed_up / (1 + cfg.tolerance) else over
+        now, reached = (replay(keep[0]) if path != keep[0] else (keep[3], True))
+        if keep[0] != checked:
+            checks[-1]["undone"] = True
+        return now, reached, keep[2]
+
     checks: list[dict] = []
     # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): the table can err either way
     # (yolov8n, 640 px: asked 3x, predicted 3.04x, measured 3.3x; 160 px: asked 2x, 2.19x)
@@ -419,12 +430,9 @@ def prune_model(
                 short = (list(path), macs_x, measured, now)
             between = bracket_macs(short[1:3], over[1:3], wanted) if over is not None else None
             last = i == cfg.verify - 1
-            if measured < cfg.speed_up and over is not None and (last or between is None or not reached):
-                # short after undoing a pass that went too far, and no more checks, no width between the two, or no
-                # room left in the schedule: the least pruned network measured past the target is the result
-                now, reached = replay(over[0])
-                measured_final = over[2]
-                checks[-1]["undone"] = True
+            if over is not None and (last or between is None or (measured < enough and not reached)):
+                # a bracket, and no more checks, no width between its ends, or no room left in the schedule
+                now, reached, measured_final = settle(short, over, path, checked=list(path))
                 break
             if measured < enough and not reached:
                 if measured < cfg.speed_up:  # the table said no more could go, and the runtime agrees
@@ -435,11 +443,12 @@ def prune_model(
                 LOGGER.info("latency target %gx: measured %.3fx; no more could go for a margin past it",
                             cfg.speed_up, measured)  # the target, but no room left for the margin past it
                 break
-            if last or (over is not None and between is None):
+            if last:
                 if measured < cfg.speed_up:
                     LOGGER.warning("latency target %gx: measured %.3fx after %d checks; raise prune.verify to prune "
                                    "on", cfg.speed_up, measured, cfg.verify)
                 break
+            checked = list(path)
             if over is None:
                 # the predicted cost at which the measured one would be `enough`, aimed half the tolerance past it,
                 # or the MACs at which it would be, measured speed-up following MACs as it has so far: whichever
@@ -448,19 +457,23 @@ def prune_model(
                 step = (min(base_cost / aim, now), base_macs / macs_x / macs_step(macs_x, measured, wanted))
                 path.append(step)
                 now, reached = prune_to(step[0], now, step[1])
-            else:
-                # Pruning cannot be undone in place, but it can be replayed: a pass that went too far (the runtime's
-                # time fell faster than its table and MACs foretold: yolov8n at 640 px, 2.37x then 3.58x measured
-                # for 3x asked) is undone to the fastest network measured short of the target, which prunes on to
-                # the MACs between the two at which the speed-up, interpolated in log-log, is the one wanted
-                step = (over[3], base_macs / between)
-                if measured > too_far:
-                    checks[-1]["undone"] = True
-                    path = [*short[0], step]
-                    now, reached = replay(path)
-                else:  # here is the short end of the bracket: prune on from it
-                    path.append(step)
-                    now, reached = prune_to(step[0], now, step[1])
+                continue
+            # Pruning cannot be undone in place, but it can be replayed: a pass that went too far (the runtime's time
+            # fell faster than its table and MACs foretold: yolov8n at 640 px, 2.37x then 3.58x measured for 3x
+            # asked) is undone to the fastest network measured short of the target, which prunes on to the MACs
+            # between the two at which the speed-up, interpolated in log-log, is the one wanted
+            step = (over[3], base_macs / between)
+            if measured > too_far:
+                checks[-1]["undone"] = True
+                path = [*short[0], step]
+                now, reached = replay(path)
+            else:  # here is the short end of the bracket: prune on from it
+                path.append(step)
+                now, reached = prune_to(step[0], now, step[1])
+            if base_macs / counter() >= over[1] / 1.001:
+                # one group took the network from the short end to the other: the bracket cannot be split
+                now, reached, measured_final = settle(short, over, path, checked)
+                break
         reached = True
         if measured_final is not None and measured_final > too_far:
             # the fine-tune will recover less than the target needed: say so
