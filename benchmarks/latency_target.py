@@ -77,8 +77,8 @@ for name in args.models:
                     prune_seconds=round(time.perf_counter() - t0, 1),
                     macs_speed_up=report.macs_speed_up,
                     predicted_speed_up=predicted,
-                    measured_speed_up=measured["speed_up"],  # fastest run / fastest run, interleaved
-                    measured_median_ratio=measured["median_ratio"],  # median of the rounds' paired ratios
+                    measured_speed_up=measured["speed_up"],  # median of the rounds' paired ratios, interleaved
+                    measured_fastest_ratio=measured["fastest_ratio"],  # fastest run / fastest run (before 2026-12-03)
                     measured_base_ms=measured["base_ms"],
                     measured_pruned_ms=measured["pruned_ms"],
                     measured_ratio_iqr=measured["ratio_iqr"],

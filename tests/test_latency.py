@@ -546,3 +546,15 @@ def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_
     assert report.macs_speed_up == pytest.approx(checks[-1]["macs_speed_up"])
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 64, 64))[0].shape[1] == 84  # a whole network: the head's outputs kept
+
+
+def test_the_measured_speed_up_compares_each_round_within_itself(monkeypatch):
+    # a slow spell in round 2 slows both networks; one lucky fast call of the pruned network in round 3: the paired
+    # ratios are 2.0, 2.0 and 2.73, their median 2.0; the fastest runs overall would read 4.0 / 1.5 = 2.67
+    rt = OnnxRuntime(2)
+    monkeypatch.setattr(rt, "paired_times", lambda *a, **k: ([4.0, 6.0, 4.1], [2.0, 3.0, 1.5]))
+    assert rt.speed_up(None, None, 64) == pytest.approx(2.0)
+    from yoloprune.latency import paired_ratio
+
+    with pytest.raises(ValueError):  # rounds are paired: a missing one is a bug, not a shorter median
+        paired_ratio([1.0, 2.0], [1.0])
