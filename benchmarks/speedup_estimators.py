@@ -18,9 +18,9 @@ import torch
 
 import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
 from yoloprune.io import load_model, write_json
-from yoloprune.latency import OnnxRuntime, paired_ratio
+from yoloprune.latency import OnnxRuntime
 from yoloprune.prune import PruneConfig, prepare, prune_model
-from yoloprune.runtime import machine_info
+from yoloprune.runtime import machine_info, paired_ratio
 
 ESTIMATORS = {
     "paired": paired_ratio,

@@ -111,6 +111,10 @@ def test_benchmark_many_reports_each_model_as_benchmark_does(v8):
     assert [r["model"] for r in both] == [str(v8["base"]), str(v8["pruned"])]
     assert set(both[1]) == set(alone) and both[1]["macs"] == alone["macs"] and both[1]["params"] == alone["params"]
     assert both[0]["macs"] > both[1]["macs"] and all(r["iters"] == FAST["iters"] for r in both)
+    # timed together: their rounds pair up, and the speed-up is the median of the rounds' ratios
+    assert both[0]["latency_timed_with"] == both[1]["latency_timed_with"] != alone["latency_timed_with"]
+    ratios = sorted(b / p for b, p in zip(both[0]["latency_rounds_ms"], both[1]["latency_rounds_ms"], strict=True))
+    assert len(ratios) == 5 and compare(*both)["latency_speed_up"] == pytest.approx(ratios[2])  # 5 rounds of 1 call
 
 
 def test_thread_count_is_restored(v8):
@@ -155,6 +159,8 @@ def test_compare_gives_ratios_and_a_table(reports):
     assert cmp["metrics"]["macs"]["pruned"] < cmp["metrics"]["macs"]["base"]
     assert abs(cmp["macs_speed_up"] - 2.0) <= 2.0 * 0.02  # PruneConfig's tolerance, same imgsz and branch
     assert 0 < cmp["params_ratio"] < 1
+    assert len(base["latency_rounds_ms"]) == len(pruned["latency_rounds_ms"]) == 1  # one model: one round
+    assert base["latency_timed_with"] != pruned["latency_timed_with"]  # two benchmark calls: their rounds do not pair
     assert math.isclose(cmp["latency_speed_up"], base["latency_best_ms"] / pruned["latency_best_ms"])
     assert math.isclose(cmp["fps_ratio"], pruned["fps"] / base["fps"])
     assert math.isclose(cmp["metrics"]["params"]["ratio"], pruned["params"] / base["params"])
@@ -178,6 +184,15 @@ def test_compare_reports_accuracy_retention():
     assert headline == (2.0, 1.25, 1.25, 0.5)  # reports without latency_best_ms (older ones): the medians' ratio
     steady = compare(dict(base, latency_best_ms=6.0), dict(pruned, latency_best_ms=3.0))
     assert steady["latency_speed_up"] == 2.0  # with it, the speed-up compares the rounds' fastest calls
+    # timed together (benchmark_many): each round compared within itself; a slow second round and one lucky fast call
+    # of the pruned model in the third leave the median of the rounds' ratios (2.0, 2.0, 2.5) at 2.0
+    rounds = dict(latency_timed_with="t1")
+    paired = compare(dict(base, latency_best_ms=6.0, latency_rounds_ms=[4.0, 8.0, 4.0], **rounds),
+                     dict(pruned, latency_best_ms=2.0, latency_rounds_ms=[2.0, 4.0, 1.6], **rounds))
+    assert paired["latency_speed_up"] == pytest.approx(2.0)
+    apart = compare(dict(base, latency_best_ms=6.0, latency_rounds_ms=[4.0, 8.0, 4.0], latency_timed_with="t1"),
+                    dict(pruned, latency_best_ms=2.0, latency_rounds_ms=[2.0, 4.0, 1.6], latency_timed_with="t2"))
+    assert apart["latency_speed_up"] == 3.0  # timed apart: rounds do not pair, the fastest calls' medians compare
     assert ["mAP50-95", "0.4", "0.38", "95.0% retained"] in cells(format_table(cmp))
     zero = compare(dict(base, map50_95=0.0), pruned)  # an untrained base: retention is undefined, not infinite
     assert "map50_95_retention_pct" not in zero and "ratio" not in zero["metrics"]["map50_95"]

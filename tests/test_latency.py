@@ -554,7 +554,7 @@ def test_the_measured_speed_up_compares_each_round_within_itself(monkeypatch):
     rt = OnnxRuntime(2)
     monkeypatch.setattr(rt, "paired_times", lambda *a, **k: ([4.0, 6.0, 4.1], [2.0, 3.0, 1.5]))
     assert rt.speed_up(None, None, 64) == pytest.approx(2.0)
-    from yoloprune.latency import paired_ratio
+    from yoloprune.runtime import paired_ratio
 
     with pytest.raises(ValueError):  # rounds are paired: a missing one is a bug, not a shorter median
         paired_ratio([1.0, 2.0], [1.0])

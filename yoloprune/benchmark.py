@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from yoloprune.macs import MacCounter, count_params, deployed_branch
 from yoloprune.runtime import (
     machine_info,
     onnx_runner,
+    paired_ratio,
     resolve_device,
     round_best,
     seeded_images,
@@ -107,11 +109,14 @@ def benchmark_many(model_paths: Sequence[str | Path], cfg: BenchmarkConfig | Non
         torch.set_num_threads(threads)  # for this timing only: the caller's count is back afterwards
         timings = time_rounds([run for _, run in prepared], cfg.warmup, cfg.iters, device)
     reports = []
+    together = uuid.uuid4().hex  # the rounds of reports timed together pair up (compare)
     for (report, _), per_round in zip(prepared, timings, strict=True):
         times = [t for turn in per_round for t in turn]
         median = statistics.median(times)
         report.update({
-            "latency_best_ms": round_best(per_round),  # what the speed-up compares: steady on a shared machine
+            "latency_best_ms": round_best(per_round),  # each round's fastest call, median over rounds
+            "latency_rounds_ms": [min(turn) for turn in per_round if turn],
+            "latency_timed_with": together,
             "latency_median_ms": median,
             "latency_p90_ms": float(np.percentile(times, 90)),
             "latency_mean_ms": statistics.fmean(times),
@@ -238,11 +243,23 @@ ROWS = {
 }
 
 
+def paired_speed_up(base_report: dict, pruned_report: dict) -> float | None:
+    """Return the median over rounds of base / pruned, each round's fastest calls compared within the round, for two
+    reports timed together (``benchmark_many``): a slow spell of the machine slows both sides of a round and cancels,
+    as in the pruner's latency checks (``Runtime.speed_up``); None for reports timed apart, or from before."""
+    b, p = base_report.get("latency_rounds_ms"), pruned_report.get("latency_rounds_ms")
+    if not b or not p or len(b) != len(p) or base_report.get("latency_timed_with") is None \
+            or base_report.get("latency_timed_with") != pruned_report.get("latency_timed_with"):
+        return None
+    return paired_ratio(b, p)
+
+
 def compare(base_report: dict, pruned_report: dict) -> dict:
     """Return base and pruned values side by side with their ratios, as a JSON-ready dict.
 
     Headline figures: ``params_ratio`` (pruned/base), ``macs_speed_up`` and
-    ``latency_speed_up`` (base/pruned), ``fps_ratio`` (pruned/base) and
+    ``latency_speed_up`` (base/pruned: ``paired_speed_up`` for reports timed together, else the
+    ratio of ``latency_best_ms``, else of the medians), ``fps_ratio`` (pruned/base) and
     ``map50_retention_pct``/``map50_95_retention_pct`` (pruned/base * 100, when both
     reports have mAP and the base's is not zero).
     """
@@ -270,8 +287,8 @@ def compare(base_report: dict, pruned_report: dict) -> dict:
     headline = {
         "params_ratio": ratio("params"),
         "macs_speed_up": ratio("macs", invert=True),
-        # the steady figure when both have it (reports from before it existed: the median)
-        "latency_speed_up": ratio("latency_best_ms", invert=True) or ratio("latency_median_ms", invert=True),
+        "latency_speed_up": paired_speed_up(base_report, pruned_report) or ratio("latency_best_ms", invert=True)
+        or ratio("latency_median_ms", invert=True),
         "fps_ratio": ratio("fps"),
     }
     for key in ("map50", "map50_95", "top1", "top5"):

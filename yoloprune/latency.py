@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloprune.errors import YoloPruneError, check_imgsz
-from yoloprune.runtime import time_calls, time_rounds
+from yoloprune.runtime import paired_ratio, time_calls, time_rounds
 from yoloprune.threads import torch_threads_kept
 
 LOGGER = logging.getLogger("yoloprune")
@@ -704,11 +704,6 @@ class LatencyModel:
             d += t(max(cin - din, 1), max(cout - dout, 1)) - t(cin, cout)
             d -= self.moving_ms * dout * _volume(m, t.spec) / m.out_channels / self.volume
         return d
-
-
-def paired_ratio(base_ms: Sequence[float], pruned_ms: Sequence[float]) -> float:
-    """Return the median over rounds of base / pruned, each round's times taken together (see ``Runtime.speed_up``)."""
-    return statistics.median(b / p for b, p in zip(base_ms, pruned_ms, strict=True))
 
 
 def _volume(m: nn.Conv2d, spec: ConvSpec) -> int:

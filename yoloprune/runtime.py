@@ -118,6 +118,12 @@ def round_best(per_round: Sequence[Sequence[float]]) -> float:
     return statistics.median(min(turn) for turn in per_round if turn)
 
 
+def paired_ratio(base_ms: Sequence[float], pruned_ms: Sequence[float]) -> float:
+    """Return the median over rounds of base / pruned, each round's times (ms) taken together, timed in turns: a slow
+    spell of the machine slows both sides of a round and cancels in its ratio (see ``Runtime.speed_up``)."""
+    return statistics.median(b / p for b, p in zip(base_ms, pruned_ms, strict=True))
+
+
 def time_rounds(runs: Sequence[Callable[[], object]], warmup: int, iters: int, device: torch.device,
                 rounds: int = 5, settle: int = 2) -> list[list[list[float]]]:
     """Return, for each of ``runs``, the wall times in ms of its calls in each round: ``iters`` calls each, the runs
