@@ -469,6 +469,27 @@ def test_a_bracket_whose_short_end_is_within_the_tolerance_hands_that_one_back(y
     assert report.macs_speed_up == MacCounter(load_model("yolov8n.yaml"), 64)() / MacCounter(model, 64)()
 
 
+def test_checks_that_take_many_passes_still_reach_the_layers_limits(yolo_tables, monkeypatch):
+    from yoloprune.io import load_model
+    from yoloprune.latency import Runtime
+    from yoloprune.prune import prune_model
+
+    # a runtime on which time falls slowly with MACs (speed-up = MACs ** 0.4): 1.8x takes 4.4x fewer MACs, pass after
+    # pass; a pass that stopped inside the schedule's last useful step (k / steps = max_layer_ratio) once ended the
+    # pruning there, short of what one pass reaches ("not reachable" at 4.4x fewer MACs)
+    def slow(self, base, pruned, imgsz, rounds=9, runs=None):
+        return (MacCounter(base, 64)() / MacCounter(pruned, 64)()) ** 0.4
+
+    monkeypatch.setattr(Runtime, "speed_up", slow)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    cfg = PruneConfig(speed_up=1.8, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
+                      iterative_steps=10, verify=8)
+    report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
+    macs = [c["macs_speed_up"] for c in report.latency_checks]
+    assert len(macs) >= 3 and macs == sorted(macs)  # several passes, each pruning on
+    assert report.measured_latency_speed_up >= 1.8 and report.macs_speed_up >= 1.8 ** (1 / 0.4)
+
+
 def test_bracket_macs_interpolates_between_a_short_and_a_too_fast_network():
     from yoloprune.prune import bracket_macs
 
