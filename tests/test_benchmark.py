@@ -186,7 +186,7 @@ def test_compare_reports_accuracy_retention():
     assert steady["latency_speed_up"] == 2.0  # with it, the speed-up compares the rounds' fastest calls
     # timed together (benchmark_many): each round compared within itself; a slow second round and one lucky fast call
     # of the pruned model in the third leave the median of the rounds' ratios (2.0, 2.0, 2.5) at 2.0
-    rounds = dict(latency_timed_with="t1")
+    rounds = {"latency_timed_with": "t1"}
     paired = compare(dict(base, latency_best_ms=6.0, latency_rounds_ms=[4.0, 8.0, 4.0], **rounds),
                      dict(pruned, latency_best_ms=2.0, latency_rounds_ms=[2.0, 4.0, 1.6], **rounds))
     assert paired["latency_speed_up"] == pytest.approx(2.0)
