@@ -198,6 +198,29 @@ def no_export(self, model, imgsz):
     return lambda: None
 
 
+def fake_runtime(monkeypatch, speed_up) -> None:
+    """Time the checks with ``speed_up(self, base, pruned, imgsz, rounds=9, runs=None)`` on a quiet machine: nothing
+    is exported or run."""
+    from yoloprune.latency import Runtime
+
+    monkeypatch.setattr(Runtime, "speed_up", speed_up)
+    monkeypatch.setattr(OnnxRuntime, "runner", no_export)
+    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+
+
+def table_promises_little(monkeypatch) -> None:
+    """Make every latency table's fixed part 20x the network (timed at a bad moment): pruning barely shows in its
+    predictions, so the checks' passes go by MACs, the same in every run."""
+    real_init = LatencyModel.__init__
+
+    def pessimistic(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.fixed_ms += 20 * self.whole_ms
+        self.whole_ms *= 21
+
+    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
+
+
 @pytest.fixture(scope="module")
 def yolo_tables(tmp_path_factory):
     """One latency-table folder for the tests that prune yolov8n at 64 px: the table is built once, here, timed on the
@@ -238,22 +261,18 @@ def test_other_load_sees_another_process():
 
 def test_a_target_measured_without_room_for_the_margin_is_accepted(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
 
     # little can go (no layer may lose more than 5 %), and the runtime measures 1.52x whatever is pruned: the target,
     # short of the 5 % margin the checks aim for, with nothing left to prune
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.52)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    fake_runtime(monkeypatch, lambda self, *a, **k: 1.52)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, max_layer_ratio=0.05)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     checks = report.latency_checks
     assert report.measured_latency_speed_up == 1.52  # accepted, not an error
     assert checks and all(c["measured_speed_up"] == 1.52 for c in checks)  # stopped at the limit, no error
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.45)  # short of the target itself: an error
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
+    fake_runtime(monkeypatch, lambda self, *a, **k: 1.45)  # short of the target itself: an error
     with pytest.raises(YoloPruneError, match="not reachable"):
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
 
@@ -280,15 +299,12 @@ def test_the_aim_after_a_check_follows_a_table_whose_error_grows_with_the_prunin
 
 def test_a_check_counts_the_median_of_its_timings_not_a_lucky_one(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import TIMINGS, prune_model
 
     # one timing far above the truth, one far below, one at it: the check reads the middle one, not the lucky 2.0x
     timings = iter([2.0, 1.0, 1.6] * 10)
     calls = []
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: calls.append(1) or next(timings))
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    fake_runtime(monkeypatch, lambda self, *a, **k: calls.append(1) or next(timings))
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
@@ -299,14 +315,12 @@ def test_a_check_counts_the_median_of_its_timings_not_a_lucky_one(yolo_tables, m
 
 def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
 
     class Busy(Load):
         share = 0.9
 
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.05)  # what a contended core times
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
+    fake_runtime(monkeypatch, lambda self, *a, **k: 1.05)  # what a contended core times
     monkeypatch.setattr("yoloprune.prune.OtherLoad", Busy)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10)
@@ -317,7 +331,6 @@ def test_a_busy_machine_does_not_prune_on_noise(yolo_tables, monkeypatch):
 
 def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import FIRST_PASS, prune_model
 
     calls = []
@@ -335,10 +348,8 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
         real_init(self, *a, **kw)
         calls_lat.append(self)
 
-    monkeypatch.setattr(Runtime, "speed_up", slower_than_predicted)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
+    fake_runtime(monkeypatch, slower_than_predicted)  # on a quiet machine, whatever else runs beside the tests
     monkeypatch.setattr(LatencyModel, "__init__", keep)
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)  # a quiet machine, whatever else runs beside the tests
     model = load_model("yolov8n.yaml")
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10)
@@ -361,16 +372,8 @@ def test_latency_checks_prune_on_until_the_runtime_measures_the_target(yolo_tabl
 def test_a_table_that_promises_almost_nothing_does_not_send_the_first_pass_past_the_macs_target(yolo_tables,
                                                                                                  monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.macs import MacCounter
     from yoloprune.prune import prune_model
-
-    real_init = LatencyModel.__init__
-
-    def pessimistic(self, *a, **kw):  # a fixed part timed at a bad moment: 20x the network, pruning barely shows
-        real_init(self, *a, **kw)
-        self.fixed_ms += 20 * self.whole_ms
-        self.whole_ms *= 21
 
     macs_ratios = []
 
@@ -378,10 +381,8 @@ def test_a_table_that_promises_almost_nothing_does_not_send_the_first_pass_past_
         macs_ratios.append(MacCounter(base, 64)() / MacCounter(pruned, 64)())
         return macs_ratios[-1] ** 0.8
 
-    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
-    monkeypatch.setattr(Runtime, "speed_up", measured)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    table_promises_little(monkeypatch)  # a fixed part timed at a bad moment: the passes go by MACs
+    fake_runtime(monkeypatch, measured)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, verify=6)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
@@ -406,7 +407,6 @@ def test_macs_step_follows_the_speed_up_measured_per_macs_so_far():
 
 def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables, monkeypatch, caplog):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
 
     lats = []
@@ -420,9 +420,7 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
         return 1.3 if lats[-1].whole_ms / lats[-1]() < 1.25 else 2.4  # the table of the model being pruned
 
     monkeypatch.setattr(LatencyModel, "__init__", keep)
-    monkeypatch.setattr(Runtime, "speed_up", cliff)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    fake_runtime(monkeypatch, cliff)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10)
     with caplog.at_level(logging.WARNING, logger="yoloprune"):
@@ -440,8 +438,7 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
     warned = [r.getMessage() for r in caplog.records if "past it" in r.getMessage()]
     assert len(warned) == 1 and "measured 2.400x, 60 % past it" in warned[0] and "\n" not in warned[0]
     caplog.clear()
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: 1.6)  # within 15 %: no warning
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
+    fake_runtime(monkeypatch, lambda self, *a, **k: 1.6)  # within 15 %: no warning
     with caplog.at_level(logging.WARNING, logger="yoloprune"):
         prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
     assert not [r for r in caplog.records if "past it" in r.getMessage()]
@@ -450,13 +447,10 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
 def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_past_the_target(yolo_tables,
                                                                                                   monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import TIMINGS, prune_model
 
     timings = iter([2.4] * TIMINGS + [1.3] * 2 * TIMINGS)  # too far, then short twice: the checks run out short
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: next(timings))
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    fake_runtime(monkeypatch, lambda self, *a, **k: next(timings))
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, verify=3)
     model = load_model("yolov8n.yaml")
@@ -472,15 +466,12 @@ def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_
 
 def test_a_bracket_whose_short_end_is_within_the_tolerance_hands_that_one_back(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import TIMINGS, prune_model
 
     # short by 3 % (within the 5 % tolerance), then 27 % past the target, then short again: of a network a little
     # short of the target and one far past it, the one a little short is kept (a timing is good to a few per cent)
     timings = iter([1.455] * TIMINGS + [1.9] * TIMINGS + [1.46] * TIMINGS)
-    monkeypatch.setattr(Runtime, "speed_up", lambda self, *a, **k: next(timings))
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    fake_runtime(monkeypatch, lambda self, *a, **k: next(timings))
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, verify=3)
     model = load_model("yolov8n.yaml")
@@ -497,7 +488,6 @@ def test_a_bracket_whose_short_end_is_within_the_tolerance_hands_that_one_back(y
 
 def test_checks_that_take_many_passes_still_reach_the_layers_limits(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import prune_model
 
     # a runtime on which the speed-up follows MACs at first and then ever more slowly: 1.7x takes 4.7x fewer MACs,
@@ -507,17 +497,8 @@ def test_checks_that_take_many_passes_still_reach_the_layers_limits(yolo_tables,
         macs = MacCounter(base, 64)() / MacCounter(pruned, 64)()
         return macs if macs < 1.4 else 1.4 * (macs / 1.4) ** 0.2
 
-    real_init = LatencyModel.__init__
-
-    def pessimistic(self, *a, **kw):  # a table that promises almost nothing: the passes go by MACs, the same each run
-        real_init(self, *a, **kw)
-        self.fixed_ms += 20 * self.whole_ms
-        self.whole_ms *= 21
-
-    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
-    monkeypatch.setattr(Runtime, "speed_up", slow)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    table_promises_little(monkeypatch)  # a fixed part timed at a bad moment: the passes go by MACs
+    fake_runtime(monkeypatch, slow)
     cfg = PruneConfig(speed_up=1.7, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, verify=10)
     report = prune_model(load_model("yolov8n.yaml"), cfg, progress=False)
@@ -572,7 +553,6 @@ def test_restore_undoes_pruning_in_place_and_a_new_pruner_prunes_again():
 
 def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.latency import Runtime
     from yoloprune.prune import OVERSHOT, prune_model
 
     # a runtime whose time falls faster than MACs (speed-up = MACs ** 1.6), and a table that promises little: the first
@@ -580,17 +560,8 @@ def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_
     def faster_than_macs(self, base, pruned, imgsz, rounds=9, runs=None):
         return (MacCounter(base, 64)() / MacCounter(pruned, 64)()) ** 1.6
 
-    real_init = LatencyModel.__init__
-
-    def pessimistic(self, *a, **kw):
-        real_init(self, *a, **kw)
-        self.fixed_ms += 20 * self.whole_ms
-        self.whole_ms *= 21
-
-    monkeypatch.setattr(LatencyModel, "__init__", pessimistic)
-    monkeypatch.setattr(Runtime, "speed_up", faster_than_macs)
-    monkeypatch.setattr(OnnxRuntime, "runner", no_export)  # the fake timing needs no ONNX file
-    monkeypatch.setattr("yoloprune.prune.OtherLoad", Load)
+    table_promises_little(monkeypatch)  # a fixed part timed at a bad moment: the passes go by MACs
+    fake_runtime(monkeypatch, faster_than_macs)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
                       iterative_steps=10, verify=6)
     model = load_model("yolov8n.yaml")

@@ -23,7 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch_pruning as tp
@@ -141,6 +141,16 @@ def macs_step(macs_speed_up: float, measured: float, wanted: float) -> float:
     the table's aim: a table timed at a bad moment can put the target past everything pruning may remove."""
     alpha = math.log(measured) / math.log(macs_speed_up) if macs_speed_up > 1.001 and measured > 1.001 else 1.0
     return max(wanted / measured, 1.0) ** (1 / min(max(alpha, 0.3), 1.0))
+
+
+class Checked(NamedTuple):
+    """A network the latency checks timed: the passes that prune to it from the unpruned one (cost goal, MACs floor
+    each), its MACs speed-up, its measured speed-up and its predicted cost."""
+
+    path: list[tuple[float, float]]
+    macs: float
+    measured: float
+    cost: float
 
 
 def bracket_macs(short: tuple[float, float], over: tuple[float, float], wanted: float) -> float | None:
@@ -372,16 +382,16 @@ def prune_model(
             now, reached = prune_to(goal, now, floor)
         return now, reached
 
-    def settle(short: tuple, over: tuple, path: list, checked: list) -> tuple[float, bool, float]:
+    def settle(short: Checked, over: Checked, path: list, checked: list) -> tuple[float, bool, float]:
         """Hand back one end of a bracket: the network measured short of the target where it is within the
         tolerance of it (a measurement is good to a few per cent), else the least pruned one measured past it;
         return its cost, whether it was reached and its measured speed-up. ``path`` leads to the network pruned
         now, ``checked`` to the one the last check timed."""
-        keep = short if short[2] >= cfg.speed_up / (1 + cfg.tolerance) else over
-        now, reached = (replay(keep[0]) if path != keep[0] else (keep[3], True))
-        if keep[0] != checked:
+        keep = short if short.measured >= cfg.speed_up / (1 + cfg.tolerance) else over
+        now, reached = replay(keep.path) if path != keep.path else (keep.cost, True)
+        if keep.path != checked:
             checks[-1]["undone"] = True
-        return now, reached, keep[2]
+        return now, reached, keep.measured
 
     checks: list[dict] = []
     # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): the table can err either way
@@ -403,9 +413,9 @@ def prune_model(
         too_far = cfg.speed_up * (1 + OVERSHOT)
         wanted = enough * (1 + cfg.tolerance / 2)
         # the bracket: the fastest network measured short of the target (the unpruned one first) and the slowest
-        # measured too far past it, as (path, MACs speed-up, measured speed-up, predicted cost)
-        short: tuple[list, float, float, float] = ([], 1.0, 1.0, base_cost)
-        over: tuple[list, float, float, float] | None = None
+        # measured too far past it
+        short = Checked([], 1.0, 1.0, base_cost)
+        over: Checked | None = None
         base_run = runtime.runner(base_model, cfg.imgsz)  # exported once: the base does not change between checks
         for i in range(cfg.verify):
             runs = (base_run, runtime.runner(model, cfg.imgsz))  # the pruned network exported once per check
@@ -433,11 +443,12 @@ def prune_model(
                     now, reached = prune_to(target, now)
                 break
             if measured > too_far:
-                if over is None or macs_x < over[1]:
-                    over = (list(path), macs_x, measured, now)
-            elif macs_x > short[1]:
-                short = (list(path), macs_x, measured, now)
-            between = bracket_macs(short[1:3], over[1:3], wanted) if over is not None else None
+                if over is None or macs_x < over.macs:
+                    over = Checked(list(path), macs_x, measured, now)
+            elif macs_x > short.macs:
+                short = Checked(list(path), macs_x, measured, now)
+            between = bracket_macs((short.macs, short.measured), (over.macs, over.measured), wanted) \
+                if over is not None else None
             last = i == cfg.verify - 1
             if over is not None and (last or between is None or (measured < enough and not reached)):
                 # a bracket, and no more checks, no width between its ends, or no room left in the schedule
@@ -471,15 +482,15 @@ def prune_model(
             # fell faster than its table and MACs foretold: yolov8n at 640 px, 2.37x then 3.58x measured for 3x
             # asked) is undone to the fastest network measured short of the target, which prunes on to the MACs
             # between the two at which the speed-up, interpolated in log-log, is the one wanted
-            step = (over[3], base_macs / between)
+            step = (over.cost, base_macs / between)
             if measured > too_far:
                 checks[-1]["undone"] = True
-                path = [*short[0], step]
+                path = [*short.path, step]
                 now, reached = replay(path)
             else:  # here is the short end of the bracket: prune on from it
                 path.append(step)
                 now, reached = prune_to(step[0], now, step[1])
-            if base_macs / counter() >= over[1] / 1.001:
+            if base_macs / counter() >= over.macs / 1.001:
                 # one group took the network from the short end to the other: the bracket cannot be split
                 now, reached, measured_final = settle(short, over, path, checked)
                 break
@@ -489,7 +500,7 @@ def prune_model(
             LOGGER.warning("latency target %gx: measured %.3fx, %.0f %% past it, at %.3fx fewer MACs, and %.3fx at "
                            "%.3fx (%d checks): the runtime's time fell faster between the two than its table and MACs "
                            "foretold; a lower speed_up prunes less", cfg.speed_up, measured_final,
-                           100 * (measured_final / cfg.speed_up - 1), over[1], short[2], short[1], len(checks))
+                           100 * (measured_final / cfg.speed_up - 1), over.macs, short.measured, short.macs, len(checks))
     steps = pruner.current_step - 1
     model.zero_grad(set_to_none=True)
     achieved = base_cost / now
