@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import statistics
 import sys
 
 import pytest
@@ -587,3 +588,71 @@ def test_the_measured_speed_up_compares_each_round_within_itself(monkeypatch):
 
     with pytest.raises(ValueError):  # rounds are paired: a missing one is a bug, not a shorter median
         paired_ratio([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("share", [3.0, -0.1])  # the runtime's fixed part, as a share of the layers' time
+def test_calibration_fits_the_fixed_part_the_runtime_shows_and_is_cached(tmp_path, monkeypatch, share):
+    from yoloprune.prune import narrowed_copies
+
+    base = tiny(64)
+    cfg = LatencyConfig(threads=1, imgsz=128, cache_dir=str(tmp_path))
+    plain = LatencyModel(base, cfg)  # the tables, timed here and cached, no calibration
+    assert plain.calibration is None and plain.gain == 1.0
+    # a runtime whose fixed part is not the profile's: three times the layers' time, or negative (the layers' time
+    # falls faster with their widths than their tables say, as measured on yolov8n at 160 px)
+    true_fixed = share * plain.variable_ms()
+    timed = []
+
+    def truth(self, b, p, imgsz, rounds=9, runs=None):
+        timed.append(p)
+        return (plain.variable_ms(b) + true_fixed) / (plain.variable_ms(p) + true_fixed)
+
+    fake_runtime(monkeypatch, truth)
+    copies = lambda: narrowed_copies(base, [base[4]], 8)  # noqa: E731
+    lat = LatencyModel(base, cfg, calibration=copies)
+    assert len(timed) == 3 * 2  # each copy timed three times (their median counted)
+    fixed_per_gain = lat.calibration["fixed_per_gain_ms"]
+    assert fixed_per_gain == pytest.approx(true_fixed, rel=1e-6)
+    assert lat() == pytest.approx(lat.whole_ms)  # at full width the prediction is still the profiled time
+    # a network pruned otherwise (the wide conv halved, the stem whole): predicted as the runtime times it
+    other = narrowed_copies(base, [base[0], base[4]], 8, shares=(0.5,))[0]
+    assert other[2].out_channels == 32 and other[0].out_channels == 16
+    assert lat() / lat(other) == pytest.approx(truth(None, base, other, 128), rel=1e-6)
+    assert lat.table_only(other) == pytest.approx(plain(other))  # the uncalibrated figure stays at hand
+    # pruning the model itself moves the calibrated prediction by the calibrated delta
+    change = {base[2]: (0, 32), base[4]: (32, 0)}
+    assert lat() + lat.delta(change) == pytest.approx(lat(other), rel=1e-6)
+    # cached with the table: a second build times nothing and predicts the same
+    timed.clear()
+    again = LatencyModel(base, cfg, calibration=copies)
+    assert timed == [] and again.calibration == lat.calibration and again(other) == pytest.approx(lat(other))
+    assert json.loads(lat.path.read_text())["calibration"]["fixed_per_gain_ms"] == pytest.approx(fixed_per_gain)
+
+
+def test_a_calibration_copy_timed_no_faster_keeps_the_profiles_split(tmp_path, monkeypatch):
+    from yoloprune.prune import narrowed_copies
+
+    base = tiny(64)
+    fake_runtime(monkeypatch, lambda self, b, p, imgsz, rounds=9, runs=None: 1.0)  # noise: no copy ran faster
+    lat = LatencyModel(base, LatencyConfig(threads=1, imgsz=128, cache_dir=str(tmp_path)),
+                       calibration=lambda: narrowed_copies(base, [base[4]], 8))
+    assert lat.fixed_ms == pytest.approx(lat.table_fixed_ms) and lat.gain == pytest.approx(1.0)
+
+
+def test_narrowed_copies_narrow_every_prunable_layer_alike_and_leave_the_model_whole():
+    from yoloprune.io import load_model
+    from yoloprune.prune import kept_whole, narrowed_copies, prepare
+
+    model = prepare(load_model("yolov8n.yaml"))
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    half, = narrowed_copies(model, kept_whole(model), 8, shares=(0.5,))
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == widths  # the original untouched
+    assert not half.training
+    kept = {n for n, m in model.named_modules() if any(m is k for k in kept_whole(model))}
+    after = dict(half.named_modules())
+    ratios = [after[n].out_channels / m.out_channels for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and m.groups == 1 and n not in kept and not n.startswith(tuple(kept))]
+    assert statistics.median(ratios) == pytest.approx(0.5, abs=0.01)
+    assert all(after[n].out_channels == m.out_channels for n, m in model.named_modules()
+               if n in kept and isinstance(m, nn.Conv2d))
+    assert MacCounter(model, 64)() / MacCounter(half, 64)() > 2.5  # about 4x fewer MACs inside, fewer at the ends

@@ -227,6 +227,12 @@ def attention_internals(model: nn.Module) -> list[nn.Module]:
     return [c for m in model.modules() if isinstance(m, (AttentionV2, AAttnV2)) for c in (m.q, m.k, m.v, m.pe)]
 
 
+def kept_whole(model: nn.Module) -> list[nn.Module]:
+    """Return every layer the pruner leaves whole: the outputs (``output_layers``), attention's internals
+    (``attention_internals``) and DFL, whose fixed conv decodes the box bins."""
+    return output_layers(model) + attention_internals(model) + [m for m in model.modules() if type(m).__name__ == "DFL"]
+
+
 def trace_forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Run the passes Torch-Pruning traces: inference and training, so every consumer of a channel is seen.
 
@@ -277,6 +283,28 @@ def restore(model: nn.Module, snapshot: nn.Module) -> None:
         m.__dict__.update({k: v for k, v in src.__dict__.items() if k != "_modules"})
 
 
+NARROWED = (0.25, 0.5)  # the latency table's calibration networks: every prunable layer loses this share of channels
+
+
+def narrowed_copies(model: nn.Module, ignored: Iterable[nn.Module], round_to: int,
+                    shares: Iterable[float] = NARROWED) -> list[nn.Module]:
+    """Return copies of ``model`` with every prunable layer narrowed alike, by each of ``shares`` of its channels
+    (the smallest-magnitude ones; ``ignored`` layers keep their outputs), in eval mode: what the latency table is
+    calibrated on (``LatencyModel.calibrate``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    keep = [names[id(m)] for m in ignored]
+    copies = []
+    for share in shares:
+        c = copy.deepcopy(model)
+        by_name = dict(c.named_modules())
+        example = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # the caller's RNG untouched
+        tp.pruner.BasePruner(c, example, importance=tp.importance.MagnitudeImportance(p=1),
+                             global_pruning=False, pruning_ratio=share, iterative_steps=1, round_to=round_to,
+                             ignored_layers=[by_name[n] for n in keep], forward_fn=trace_forward).step()
+        copies.append(c.eval())
+    return copies
+
+
 @torch.random.fork_rng()  # the seed below stays inside: the caller's global RNG is as it was afterwards
 def prune_model(
     model: nn.Module,
@@ -295,14 +323,13 @@ def prune_model(
         runtime = get_runtime(cfg.runtime, cfg.threads)  # a missing runtime or GPU fails now, not after converting
     torch.manual_seed(cfg.seed)
     prepare(model)
-    frozen_dfl = [m for m in model.modules() if type(m).__name__ == "DFL"]
     branch, unused = deployed_branch(model, cfg.branch)
     counter = MacCounter(model, cfg.imgsz, exclude=set(unused))
     base_macs, base_params = counter(), count_params(model)
     base_widths = {m: m.out_channels for m in counter.sizes if isinstance(m, nn.Conv2d)}
 
     example = torch.randn(1, 3, 64, 64)
-    ignored = output_layers(model) + attention_internals(model) + frozen_dfl
+    ignored = kept_whole(model)
     latency = None
     round_to = cfg.round_to
     if cfg.target == "latency":
@@ -310,7 +337,8 @@ def prune_model(
         # widths in whole blocks of the runtime's kernels: on AVX-512 a conv to 56 channels costs what one to 64 does
         round_to = math.lcm(cfg.round_to, runtime.block)
         latency = LatencyModel(model, LatencyConfig(cfg.runtime, cfg.threads, cfg.imgsz, cache_dir=cfg.latency_cache),
-                               exclude=set(unused), fixed_out=set(ignored), progress=progress)
+                               exclude=set(unused), fixed_out=set(ignored), progress=progress,
+                               calibration=lambda: narrowed_copies(model, ignored, round_to))
     cost: Cost = latency if latency is not None else counter
     base_cost = cost()
     target = base_cost / cfg.speed_up

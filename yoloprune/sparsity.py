@@ -68,11 +68,9 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
     ``nn.Conv2d`` within one sends Torch-Pruning's graph through the heads' reshapes for minutes (yolo26n: over
     five minutes, against under a second without them).
     """
-    from yoloprune.prune import attention_internals, output_layers
+    from yoloprune.prune import kept_whole
 
-    dfl = [m for m in model.modules() if type(m).__name__ == "DFL"]
-    return list({id(sub): sub for layer in output_layers(model) + attention_internals(model) + dfl
-                 for sub in layer.modules()}.values())
+    return list({id(sub): sub for layer in kept_whole(model) for sub in layer.modules()}.values())
 
 
 @dataclass
