@@ -695,8 +695,10 @@ class LatencyModel:
         self.gain = 1.0  # the calibration's factor on the parts that follow the widths (see calibrate)
         self.calibration: dict | None = record.get("calibration") if record else None
         if self.calibration is None and calibration is not None:
+            t1 = time.perf_counter()
             with OtherLoad() as load:
-                self.calibration = self.calibrate(runtime, model, calibration())
+                self.calibration = {**self.calibrate(runtime, model, calibration()),
+                                    "seconds": time.perf_counter() - t1}
             if record is not None and load.share <= BUSY:
                 _write(self.path, {**record, "calibration": self.calibration})
         if self.calibration is not None:
