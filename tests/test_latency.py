@@ -607,8 +607,10 @@ def test_calibration_fits_the_fixed_part_the_runtime_shows_and_is_cached(tmp_pat
         timed.append(p)
         return (plain.variable_ms(b) + true_fixed) / (plain.variable_ms(p) + true_fixed)
 
+    def copies() -> list[nn.Module]:
+        return narrowed_copies(base, [base[4]], 8)
+
     fake_runtime(monkeypatch, truth)
-    copies = lambda: narrowed_copies(base, [base[4]], 8)  # noqa: E731
     lat = LatencyModel(base, cfg, calibration=copies)
     assert len(timed) == 3 * 2  # each copy timed three times (their median counted)
     fixed_per_gain = lat.calibration["fixed_per_gain_ms"]
