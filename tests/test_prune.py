@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -217,10 +218,12 @@ def test_group_that_would_overshoot_is_pruned_in_part(speed_up):
 @pytest.mark.slow
 def test_latency_target_reaches_predicted_speed_up(tmp_path):
     model = live_model("yolov8n.yaml")
-    cfg = PruneConfig(speed_up=2.0, imgsz=160, target="latency", threads=2, latency_cache=str(tmp_path))
+    # the table alone (no checks on the runtime, which move the prediction to where the runtime measures the target)
+    cfg = PruneConfig(speed_up=2.0, imgsz=160, target="latency", threads=2, latency_cache=str(tmp_path), verify=0)
     report = prune_model(model, cfg, progress=False)
     assert report.target == "latency" and report.runtime == "onnxruntime"
     assert report.speed_up == report.predicted_latency_speed_up == pytest.approx(2.0, rel=0.02)
     assert report.predicted_base_ms / report.predicted_pruned_ms == pytest.approx(report.speed_up)
     assert report.macs_speed_up > 1.5  # fewer MACs too, though not in proportion
-    assert list(tmp_path.glob("onnxruntime-*.json"))
+    cached, = tmp_path.glob("onnxruntime-*.json")
+    assert len(json.loads(cached.read_text())["calibration"]["points"]) == 2  # calibrated on two narrowed copies
