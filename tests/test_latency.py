@@ -445,17 +445,27 @@ def test_a_pass_that_falls_off_a_cliff_past_the_target_is_a_warning(yolo_tables,
     assert not [r for r in caplog.records if "past it" in r.getMessage()]
 
 
+def prune_timed_as(monkeypatch, tables: str, measured: list[float]):
+    """Prune yolov8n at 64 px to 1.5x latency (tolerance 5 %, three checks) on a runtime whose timings read
+    ``measured``, one after another; return the pruned model and its report."""
+    from yoloprune.io import load_model
+    from yoloprune.prune import prune_model
+
+    timings = iter(measured)
+    fake_runtime(monkeypatch, lambda self, *a, **k: next(timings))
+    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=tables, tolerance=0.05,
+                      iterative_steps=10, verify=3)
+    model = load_model("yolov8n.yaml")
+    return model, prune_model(model, cfg, progress=False)
+
+
 def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_past_the_target(yolo_tables,
                                                                                                   monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.prune import TIMINGS, prune_model
+    from yoloprune.prune import TIMINGS
 
-    timings = iter([2.4] * TIMINGS + [1.3] * 2 * TIMINGS)  # too far, then short twice: the checks run out short
-    fake_runtime(monkeypatch, lambda self, *a, **k: next(timings))
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
-                      iterative_steps=10, verify=3)
-    model = load_model("yolov8n.yaml")
-    report = prune_model(model, cfg, progress=False)
+    # too far, then short twice: the checks run out short
+    model, report = prune_timed_as(monkeypatch, yolo_tables, [2.4] * TIMINGS + [1.3] * 2 * TIMINGS)
     checks = report.latency_checks
     assert [c["measured_speed_up"] for c in checks] == [2.4, 1.3, 1.3]
     assert checks[0]["undone"] and checks[-1]["undone"]
@@ -467,16 +477,11 @@ def test_checks_that_run_out_short_after_an_undo_hand_back_the_network_measured_
 
 def test_a_bracket_whose_short_end_is_within_the_tolerance_hands_that_one_back(yolo_tables, monkeypatch):
     from yoloprune.io import load_model
-    from yoloprune.prune import TIMINGS, prune_model
+    from yoloprune.prune import TIMINGS
 
     # short by 3 % (within the 5 % tolerance), then 27 % past the target, then short again: of a network a little
     # short of the target and one far past it, the one a little short is kept (a timing is good to a few per cent)
-    timings = iter([1.455] * TIMINGS + [1.9] * TIMINGS + [1.46] * TIMINGS)
-    fake_runtime(monkeypatch, lambda self, *a, **k: next(timings))
-    cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
-                      iterative_steps=10, verify=3)
-    model = load_model("yolov8n.yaml")
-    report = prune_model(model, cfg, progress=False)
+    model, report = prune_timed_as(monkeypatch, yolo_tables, [1.455] * TIMINGS + [1.9] * TIMINGS + [1.46] * TIMINGS)
     checks = report.latency_checks
     measured = [c["measured_speed_up"] for c in checks]
     assert measured[:2] == [1.455, 1.9] and checks[1]["undone"]

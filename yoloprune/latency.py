@@ -712,8 +712,11 @@ class LatencyModel:
 
     def variable_ms(self, model: nn.Module | None = None) -> float:
         """Return the uncalibrated time of what follows the widths: the layers and the volume-bound ops."""
-        volume = sum(_volume(m, t.spec) for m, t in self._pairs(model))
-        return self.layers_ms(model) + self.moving_ms * volume / self.volume
+        layers = volume = 0.0
+        for m, t in self._pairs(model):  # one pass: the pruning loop asks this after every group
+            layers += t(m.in_channels, m.out_channels)
+            volume += _volume(m, t.spec)
+        return layers + self.moving_ms * volume / self.volume
 
     def _pairs(self, model: nn.Module | None) -> list[tuple[nn.Conv2d, LayerTable]]:
         if model is None:
