@@ -46,9 +46,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lamp-lr4": {"finetune.args.lr0": 0.004},
     "lamp-output": {"finetune.distill.method": "output"},
     "lamp-cwd": {"finetune.distill.method": "cwd"},
+    "lamp-both": {"finetune.distill.method": "both"},
     "lamp-lr2-cwd": {"finetune.args.lr0": 0.002, "finetune.distill.method": "cwd"},
     "lamp-lr3": {"finetune.args.lr0": 0.003},
     "taylor-lr2": {"finetune.args.lr0": 0.002, "method": "taylor"},
+    # the converged baseline's three best, stacked (2026-12-03 evening)
+    "taylor-cap50": {"method": "taylor", "prune.max_layer_ratio": 0.5},
+    "lamp-cap50-both": {"prune.max_layer_ratio": 0.5, "finetune.distill.method": "both"},
+    "taylor-cap50-both": {"method": "taylor", "prune.max_layer_ratio": 0.5, "finetune.distill.method": "both"},
     "control-lr2": {"unpruned": True, "finetune.args.lr0": 0.002},  # the baseline fine-tuned alike, not pruned
     "control-lr1": {"unpruned": True, "finetune.args.lr0": 0.001},
     "control-lr3": {"unpruned": True, "finetune.args.lr0": 0.003},

@@ -561,23 +561,25 @@ def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_
     from yoloprune.io import load_model
     from yoloprune.prune import OVERSHOT, prune_model
 
-    # a runtime whose time falls faster than MACs (speed-up = MACs ** 1.6), and a table that promises little: the first
-    # pass stops at its bound, 1.5x fewer MACs, and measures 1.91x for 1.5x asked, past the 15 % it may overshoot
+    # a runtime whose time falls faster than MACs (speed-up = MACs ** 1.3), and a table that promises little: the first
+    # pass stops at its bound, 1.5x fewer MACs, and measures 1.69x for 1.5x asked, past the 6 % it may overshoot the
+    # target and its 5 % tolerance
     def faster_than_macs(self, base, pruned, imgsz, rounds=9, runs=None):
-        return (MacCounter(base, 64)() / MacCounter(pruned, 64)()) ** 1.6
+        return (MacCounter(base, 64)() / MacCounter(pruned, 64)()) ** 1.3
 
     table_promises_little(monkeypatch)  # a fixed part timed at a bad moment: the passes go by MACs
     fake_runtime(monkeypatch, faster_than_macs)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
-                      iterative_steps=10, verify=6)
+                      iterative_steps=40, verify=6)
     model = load_model("yolov8n.yaml")
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
-    assert checks[0]["measured_speed_up"] > 1.5 * (1 + OVERSHOT) and checks[0]["undone"]
+    too_far = 1.5 * (1 + cfg.tolerance) * (1 + OVERSHOT)
+    assert checks[0]["measured_speed_up"] > too_far and checks[0]["undone"]
     assert len(checks) >= 2 and "undone" not in checks[-1]
-    assert 1.5 <= report.measured_latency_speed_up <= 1.5 * (1 + OVERSHOT)  # on target, not 27 % past it
+    assert 1.5 <= report.measured_latency_speed_up <= too_far  # on target, not 13 % past it
     # the network handed back is the one measured last, pruned again from the unpruned one
-    assert report.measured_latency_speed_up == pytest.approx(report.macs_speed_up ** 1.6)
+    assert report.measured_latency_speed_up == pytest.approx(report.macs_speed_up ** 1.3)
     assert report.macs_speed_up == pytest.approx(checks[-1]["macs_speed_up"])
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 64, 64))[0].shape[1] == 84  # a whole network: the head's outputs kept

@@ -42,8 +42,9 @@ TIMED_COLUMNS = ["experiment", "rev", "base_latency_ms", "latency_ms", "latency_
                  "other_load"]
 JOBS = 2  # experiments at once, one training thread each (PROFILE): measured 6-32 % more steps/s than one 2-thread run
 # Every experiment's overrides before its own: one training thread per job, and steadier latency medians on a shared
-# CPU. The baselines train as params.yaml has it (60 epochs, not a plateau): retention against each run's control
-# (the baseline fine-tuned as long as the pruned model) says what pruning cost, whatever the baseline still lacked.
+# CPU. The baselines train as params.yaml has it (140 epochs since 2026-12-03; the committed rows: 60, not a plateau):
+# retention against each run's control (the baseline fine-tuned as long as the pruned model) says what pruning cost,
+# whatever the baseline still lacked.
 PROFILE: dict[str, Any] = {"baseline.threads": 1, "finetune.threads": 1, "benchmark.iters": 100,
                            "benchmark.warmup": 10}
 ADDED = ("baseline.args.seed",)  # keys an experiment may set that params.yaml need not have

@@ -48,7 +48,9 @@ BRANCHES = ("auto", "one2one", "one2many")
 TARGETS = ("macs", "latency")
 FIRST_PASS = 0.7  # target latency with checks: the first pass prunes to speed_up ** this, predicted (or to speed_up
 # times fewer MACs, whichever comes first)
-OVERSHOT = 0.15  # target latency: a result measured this far past the target is reported as a warning
+OVERSHOT = 0.06  # target latency: a check measured this far past the aim (the target and its tolerance) is undone and
+# pruned again to less (the pipeline's converged yolov8n, asked 2x, had been accepted at 2.21x: 3.08x fewer MACs)
+WARN_PAST = 0.15  # ... and a result measured this far past it is reported as a warning
 # timings per check, their median counted: one alone is good to about +-15 % for a 3-ms network here (the same yolo11n
 # pair at 160 px timed 1.35-1.79x over ten timings), and the larger of two when short, as before, leaned to accepting
 # (yolo11n at 160 px: a check read 2.20x for a network an independent timing put at 1.56x)
@@ -438,7 +440,7 @@ def prune_model(
         # aimed a tolerance past the target: a measurement is only good to a few per cent (yolo11n at 640 px: a check
         # timed 2.005x, an independent timing of the same pair 1.916x), and a result just at it lands short half the time
         enough = cfg.speed_up * (1 + cfg.tolerance)
-        too_far = cfg.speed_up * (1 + OVERSHOT)
+        too_far = enough * (1 + OVERSHOT)
         wanted = enough * (1 + cfg.tolerance / 2)
         # the bracket: the fastest network measured short of the target (the unpruned one first) and the slowest
         # measured too far past it
@@ -523,7 +525,7 @@ def prune_model(
                 now, reached, measured_final = settle(short, over, path, checked)
                 break
         reached = True
-        if measured_final is not None and measured_final > too_far:
+        if measured_final is not None and measured_final > cfg.speed_up * (1 + WARN_PAST):
             # the fine-tune will recover less than the target needed: say so
             LOGGER.warning("latency target %gx: measured %.3fx, %.0f %% past it, at %.3fx fewer MACs, and %.3fx at "
                            "%.3fx (%d checks): the runtime's time fell faster between the two than its table and MACs "
