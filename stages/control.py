@@ -1,9 +1,9 @@
 """Stage control: the unpruned baseline fine-tuned as the pruned model is, its equal-training-budget reference.
 
 The pruned model had the baseline's training plus the fine-tune. A baseline stopped while
-still improving (the default 60 epochs on the synthetic data gain +0.03 mAP50-95 in their
-last 10) gains from those epochs too, so retention against the baseline alone credits
-pruning with what training more did. With sparsity training on (``sparsity.epochs``), the
+still improving (60 epochs on the synthetic data gain +0.03 mAP50-95 in their last 10; the
+default 140, +0.01) gains from those epochs too, so retention against the baseline alone
+credits pruning with what training more did. With sparsity training on (``sparsity.epochs``), the
 pruned model trained that many epochs more before pruning, and so does the control.
 ``finetune.control: false`` skips the fine-tune: the baseline itself is then the control.
 """
