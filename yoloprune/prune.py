@@ -412,24 +412,14 @@ def prune_model(
             now, reached = prune_to(goal, now, floor)
         return now, reached
 
-    def settle(on_target: Checked | None, over: Checked, path: list, checked: list) -> tuple[float, bool, float]:
-        """Hand back a network of a bracket: the least pruned one measured on target within the tolerance (a
-        measurement is good to a few per cent), else the least pruned one measured past it; return its cost,
-        whether it was reached and its measured speed-up. ``path`` leads to the network pruned now, ``checked`` to
-        the one the last check timed."""
-        keep = on_target if on_target is not None else over
-        now, reached = replay(keep.path) if path != keep.path else (keep.cost, True)
-        if keep.path != checked:
+    def hand_back(kept: Checked, path: list, checked: list | None = None) -> tuple[float, bool, float]:
+        """Hand back the network ``kept`` (replayed unless ``path``, the passes to the network pruned now, leads to
+        it; the last check marked undone unless it timed it: ``checked``, by default ``path``); return its cost,
+        whether it was reached and its measured speed-up."""
+        now_, reached_ = (now, reached) if kept.path == path else replay(kept.path)
+        if kept.path != (path if checked is None else checked):
             checks[-1]["undone"] = True
-        return now, reached, keep.measured
-
-    def hand_back(kept: Checked, path: list) -> tuple[float, bool, float]:
-        """Hand back ``kept`` (replayed unless ``path``, the passes to the network pruned now, leads to it); return
-        its cost, whether it was reached and its measured speed-up."""
-        if kept.path == path:
-            return now, reached, kept.measured
-        checks[-1]["undone"] = True
-        return *replay(kept.path), kept.measured
+        return now_, reached_, kept.measured
 
     checks: list[dict] = []
     # With checks, the first pass stops short (at speed_up ** FIRST_PASS predicted): the table can err either way
@@ -497,8 +487,9 @@ def prune_model(
                 if over is not None else None
             last = i == cfg.verify - 1
             if over is not None and (last or between is None or (measured < enough and not reached)):
-                # a bracket, and no more checks, no width between its ends, or no room left in the schedule
-                now, reached, measured_final = settle(on_target, over, path, checked=list(path))
+                # a bracket, and no more checks, no width between its ends, or no room left in the schedule: the
+                # least pruned network measured on target within the tolerance, else the least pruned one past it
+                now, reached, measured_final = hand_back(on_target or over, path)
                 break
             if measured < enough and not reached:
                 if on_target is not None and on_target.measured >= cfg.speed_up:
@@ -545,7 +536,7 @@ def prune_model(
                 now, reached = prune_to(step[0], now, step[1])
             if base_macs / counter() >= over.macs / 1.001:
                 # one group took the network from the short end to the other: the bracket cannot be split
-                now, reached, measured_final = settle(on_target, over, path, checked)
+                now, reached, measured_final = hand_back(on_target or over, path, checked)
                 break
         reached = True
         if measured_final is not None and measured_final > cfg.speed_up * (1 + WARN_PAST):
