@@ -585,7 +585,7 @@ def test_a_pass_that_goes_too_far_is_undone_and_pruned_again_to_the_target(yolo_
     table_promises_little(monkeypatch)  # a fixed part timed at a bad moment: the passes go by MACs
     fake_runtime(monkeypatch, faster_than_macs)
     cfg = PruneConfig(speed_up=1.5, imgsz=64, target="latency", latency_cache=yolo_tables, tolerance=0.05,
-                      iterative_steps=40, verify=6)
+                      iterative_steps=10, verify=6)
     model = load_model("yolov8n.yaml")
     report = prune_model(model, cfg, progress=False)
     checks = report.latency_checks
