@@ -26,7 +26,7 @@ import yaml
 
 import yoloprune  # noqa: F401  (offline switches before ultralytics is imported)
 from yoloprune.benchmark import BenchmarkConfig, accuracy
-from yoloprune.calibration import real_loss
+from yoloprune.calibration import batches_loss, calibration_batches
 from yoloprune.config import FinetuneConfig
 from yoloprune.finetune import finetune
 from yoloprune.importance import get_method
@@ -64,6 +64,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     # gradual: prune speed_up ** (1/K) and fine-tune epochs/K, K times (the same epochs in all)
     "rounds2": {"rounds": 2},
     "rounds4": {"rounds": 4},
+    # linear compensation of the removed channels (yoloprune/compensate.py), 2026-12-03 (second night)
+    "lamp-comp": {"prune.compensate": True},
+    "lamp-comp-cap50": {"prune.compensate": True, "prune.max_layer_ratio": 0.5},
+    "taylor-comp": {"prune.compensate": True, "method": "taylor"},
+    "lamp-comp-both": {"prune.compensate": True, "finetune.distill.method": "both"},
+    "lamp-comp-lr1": {"prune.compensate": True, "finetune.args.lr0": 0.001},
+    "lamp-comp-lr05": {"prune.compensate": True, "finetune.args.lr0": 0.0005},
 }
 
 
@@ -125,10 +132,12 @@ def main() -> None:
         params = override(base_params, variant)
         cfg, ft = PruneConfig.from_params(params), FinetuneConfig.from_params(params)
         model = load_model(args.baseline if unpruned else sparse_model(args.model, params, sparse, Path(work.name)))
-        loss_fn = real_loss(model, data, cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
-            if not unpruned and get_method(cfg.method).needs_gradients else None
+        batches = calibration_batches(model, data, cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
+            if not unpruned and (cfg.compensate or get_method(cfg.method).needs_gradients) else []
+        loss_fn = batches_loss(batches) if get_method(cfg.method).needs_gradients and batches else None
+        images = [b["img"] for b in batches] if cfg.compensate else None
         report = {"macs_speed_up": 1.0, "pruned_params": sum(p.numel() for p in model.parameters())} if unpruned \
-            else prune_model(model, cfg, loss_fn=loss_fn).to_dict() if rounds == 1 else None
+            else prune_model(model, cfg, loss_fn=loss_fn, images=images).to_dict() if rounds == 1 else None
         start = copy.deepcopy(model) if rounds > 1 else None  # gradual: each seed prunes and fine-tunes in rounds
         for seed in args.seeds:
             t0 = time.perf_counter()
@@ -139,7 +148,7 @@ def main() -> None:
                 for r in range(rounds):
                     if rounds > 1:  # this round's share of the speed-up, on the model the last round fine-tuned
                         part = PruneConfig(**{**cfg.__dict__, "speed_up": cfg.speed_up ** (1 / rounds)})
-                        report = prune_model(current, part).to_dict()
+                        report = prune_model(current, part, images=images).to_dict()
                         macs0 = macs0 or report["base_macs"]
                         report["macs_speed_up"] = macs0 / report["pruned_macs"]
                         settings["epochs"] = ft.epochs // rounds + (r < ft.epochs % rounds)

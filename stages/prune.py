@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from yoloprune.benchmark import BenchmarkConfig, accuracy
-from yoloprune.calibration import real_loss
+from yoloprune.calibration import batches_loss, calibration_batches
 from yoloprune.importance import get_method
 from yoloprune.io import load_model, save_model, write_json
 from yoloprune.params import data_yaml, load_params
@@ -20,10 +20,13 @@ OUT = Path("models/pruned.pt")
 params = load_params()
 cfg = PruneConfig.from_params(params)
 model = load_model("models/sparse.pt")  # the converted model, after sparsity training when sparsity.epochs > 0
-# gradient methods (taylor) read the model's own loss on real training batches, never a random-image proxy
-loss_fn = real_loss(model, data_yaml(params), cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
-    if get_method(cfg.method).needs_gradients else None
-report = prune_model(model, cfg, loss_fn=loss_fn).to_dict()
+# real training batches: gradient methods (taylor) read the model's own loss on them, never a random-image proxy;
+# compensation fits how each removed channel is folded into the kept ones on the unpruned network's activations
+gradients = get_method(cfg.method).needs_gradients
+batches = calibration_batches(model, data_yaml(params), cfg.imgsz, cfg.calib_batches, seed=cfg.seed) \
+    if gradients or cfg.compensate else []
+report = prune_model(model, cfg, loss_fn=batches_loss(batches) if gradients else None,
+                     images=[b["img"] for b in batches] if cfg.compensate else None).to_dict()
 save_model(model, OUT, report)
 acc = accuracy(OUT, BenchmarkConfig(imgsz=params["imgsz"], data=str(data_yaml(params))), torch.device("cpu"))
 # Tracked metrics hold what only this stage measures (MACs and params: metrics/benchmark.json); the whole report, its

@@ -24,6 +24,7 @@ def test_prune_yaml_writes_checkpoint_and_report(tmp_path):
     report = json.loads(rep.read_text())
     assert REPORT_KEYS <= report.keys()
     assert report["speed_up"] == pytest.approx(2.0, rel=0.02)
+    assert report["compensated"] == 0  # no --data, no images to fit on
     # an independent MACs count of the written file agrees with the report
     x = torch.zeros(1, 3, 320, 320)
     base, _ = profile(load_model("yolov8n.yaml").eval(), inputs=(x,), verbose=False)
@@ -54,6 +55,7 @@ def test_convert_verb(tmp_path, capsys):
         (["prune", "yolov8n.yaml", "--iterative-steps", "-3"], "iterative_steps must be an integer >= 2"),
         (["prune", "yolov8n.yaml", "--iterative-steps", "1"], "one step prunes nothing"),
         (["prune", "yolov8n.yaml", "--imgsz", "650"], "use 640"),
+        (["prune", "yolov8n.yaml", "--compensate"], "compensate needs real training images"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(argv, words, capsys):
@@ -117,6 +119,7 @@ def test_prune_with_data_fine_tunes_the_pruned_network(six_class, tmp_path, caps
                  "-o", str(out), "--report", str(rep)]) == 0
     report = json.loads(rep.read_text())
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["map50_95"] is not None
+    assert report["compensated"] > 0  # --data gives compensation its images: on by default
     pruned_only = load_model(tmp_path / "runs" / "tuned" / "pruned.pt")
     tuned = load_model(out)
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}

@@ -90,6 +90,7 @@ def test_cli_and_params_give_equal_configs():
         "--imgsz", str(params["imgsz"]), "--iterative-steps", str(p["iterative_steps"]), "--round-to",
         str(p["round_to"]), "--max-layer-ratio", str(p["max_layer_ratio"]),
         "--global-pruning" if p["global_pruning"] else "--no-global-pruning", "--target", p["target"],
+        "--compensate" if p["compensate"] else "--no-compensate",
     ])
     assert PruneConfig.from_args(args) == PruneConfig.from_params(params)
     opset = params["export"]["opset"]

@@ -33,17 +33,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_loss(model, cfg, args: argparse.Namespace):
-    """Return the real-loss function a gradient method (taylor) scores with: on --data's training batches, or None."""
+def _calibration(model, cfg, args: argparse.Namespace):
+    """Return ``(loss_fn, images)`` from --data's training batches: the real loss a gradient method (taylor) scores
+    with, and the images compensation fits on; each None when not needed or without --data."""
     from yoloprune.importance import get_method
 
-    if not get_method(cfg.method).needs_gradients:
-        return None
-    if not args.data:
-        return None  # prune_model warns that it falls back to random images
-    from yoloprune.calibration import real_loss
+    gradients = get_method(cfg.method).needs_gradients
+    if not args.data or not (gradients or cfg.compensate):
+        return None, None  # prune_model warns that taylor falls back to random images; compensate says it needs data
+    from yoloprune.calibration import batches_loss, calibration_batches
 
-    return real_loss(model, args.data, cfg.imgsz, args.calib_batches, seed=cfg.seed)
+    batches = calibration_batches(model, args.data, cfg.imgsz, args.calib_batches, seed=cfg.seed)
+    return batches_loss(batches) if gradients else None, [b["img"] for b in batches] if cfg.compensate else None
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -53,12 +54,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from yoloprune.prune import PruneConfig, prune_model
 
     cfg = PruneConfig.from_args(args, exclude=("threads",),  # --threads: the fine-tune's, not the latency target's
-                                threads=args.latency_threads)
+                                threads=args.latency_threads,  # compensation by default wherever --data gives images
+                                compensate=bool(args.data) if args.compensate is None else args.compensate)
     out = Path(args.output) if args.output else _default_out(args.model, "pruned")
     if args.data:  # the seed tool's flow: prune, then fine-tune the pruned network right away
         check_data_yaml(args.data)  # before minutes of pruning, not after
     model = load_model(args.model)
-    report = prune_model(model, cfg, loss_fn=_calibration_loss(model, cfg, args), progress=not args.quiet).to_dict()
+    loss_fn, images = _calibration(model, cfg, args)
+    report = prune_model(model, cfg, loss_fn=loss_fn, progress=not args.quiet, images=images).to_dict()
     report.update(source=str(args.model), output=str(out))
     print(f"pruned {args.model}: {report['base_macs'] / 1e9:.2f} -> {report['pruned_macs'] / 1e9:.2f} GMACs "
           f"({report['macs_speed_up']:.3f}x, {report['base_params'] / 1e6:.2f}M -> "
@@ -201,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", "--prune_method", default="lamp", choices=sorted(METHODS),
                    help="channel importance (default lamp); " + "; ".join(f"{n}: {m.doc}" for n, m in METHODS.items()))
     r.add_argument("--calib-batches", "--calib_batches", type=int, default=CALIB_BATCHES,
-                   help=f"taylor: real training batches of 8 from --data whose loss gradients score the channels "
+                   help=f"real training batches of 8 from --data: taylor's loss gradients, --compensate's regression "
                         f"(default {CALIB_BATCHES})")
+    r.add_argument("--compensate", action=argparse.BooleanOptionalAction,
+                   help="fold each removed channel into the kept ones, fitted on --data's training images (default: "
+                        "on with --data); yolov8n at 2x fewer MACs keeps 0.49 mAP50-95 before fine-tuning, not 0.08")
     r.add_argument("--global-pruning", "--global_pruning", action=argparse.BooleanOptionalAction, default=True,
                    help="rank channels across layers (default) or prune each layer alike")
     r.add_argument("--iterative-steps", "--iterative_steps", type=int, default=40, help="pruning schedule steps")
@@ -224,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", help="write a JSON report here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.add_argument("--data", help="data.yaml: fine-tune right after pruning (the seed tool's flow); -o is then "
-                                  "the fine-tuned model. taylor also scores channels on its training batches")
+                                  "the fine-tuned model. taylor scores channels and --compensate fits on its training batches")
     _training_args(r, epochs=10)
     r.set_defaults(func=cmd_prune)
 

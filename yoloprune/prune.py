@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ultralytics.nn.modules import Conv
 from ultralytics.nn.modules.block import Proto
 
+from yoloprune.compensate import compensate, input_moments
 from yoloprune.config import Config
 from yoloprune.convert import check_prunable, convert_model
 from yoloprune.errors import YoloPruneError, check_imgsz
@@ -79,7 +80,9 @@ class PruneConfig(Config):
     threads: int = 2  # target: latency: the runtime's threads, as deployed
     latency_cache: str | None = None  # folder of the latency tables; None: ~/.cache/yoloprune/latency
     cost_power: float = 0.0  # target latency: rank by importance / time saved ** this (0: importance alone)
-    calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels
+    calib_batches: int = 4  # taylor: real training batches whose loss gradients score the channels; compensate: whose
+    # activations fit the regression
+    compensate: bool = False  # fold each removed channel into the kept ones (yoloprune.compensate); needs images
     verify: int = 6  # target latency: time the result on the runtime up to this many times, pruning on while short
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ class PruneConfig(Config):
             bad(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             bad(f"threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.compensate, bool):
+            bad(f"compensate must be true or false, got {self.compensate!r}")
         if not isinstance(self.verify, int) or isinstance(self.verify, bool) or self.verify < 0:
             bad(f"verify must be an integer >= 0 (latency checks on the runtime; 0: trust the table), "
                 f"got {self.verify!r}")
@@ -194,6 +199,7 @@ class PruneReport:
     measured_latency_speed_up: float | None = None  # the last check's, on the runtime (target: latency, verify > 0)
     latency_checks: list[dict] = field(default_factory=list)  # each check: predicted and measured speed-up
     layers: list[dict] = field(default_factory=list)  # per conv: name, resolution, base and kept width
+    compensated: int = 0  # convolutions whose removed input channels were folded into the kept ones
 
     def to_dict(self) -> dict:
         """Return the report as a JSON-ready dict."""
@@ -313,11 +319,14 @@ def prune_model(
     cfg: PruneConfig,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
     progress: bool = True,
+    images: Iterable[torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place until ``cfg.speed_up`` is reached; return the report.
 
     ``loss_fn(model)`` returns a scalar loss for gradient-based methods (``taylor``);
     without one, a data-free proxy (the squared raw outputs on random images) is used.
+    ``images`` (batches of real training images) feed ``cfg.compensate``: the unpruned
+    network's activations on them fit how each removed channel is folded into the kept ones.
     """
     t0 = time.perf_counter()
     method = get_method(cfg.method)
@@ -329,6 +338,13 @@ def prune_model(
     counter = MacCounter(model, cfg.imgsz, exclude=set(unused))
     base_macs, base_params = counter(), count_params(model)
     base_widths = {m: m.out_channels for m in counter.sizes if isinstance(m, nn.Conv2d)}
+    unpruned, moments = None, None
+    if cfg.compensate:
+        if images is None:
+            raise YoloPruneError("prune.compensate needs real training images to fit the regression; pass images= "
+                                 "(CLI: --data DATA.yaml) or set compensate to false")
+        unpruned = copy.deepcopy(model).eval()
+        moments = input_moments(unpruned, images)
 
     example = torch.randn(1, 3, 64, 64)
     ignored = kept_whole(model)
@@ -559,6 +575,7 @@ def prune_model(
             f"speed_up {cfg.speed_up:g} overshot: pruning one more channel group jumped to {achieved:.3f}x, more than "
             f"{cfg.tolerance:.0%} past the target; prune in finer steps (raise iterative_steps or lower round_to)"
         )
+    compensated = compensate(unpruned, model, moments) if unpruned is not None else []
     predicted = {}
     if latency is not None:
         predicted = {"runtime": cfg.runtime, "predicted_base_ms": base_cost, "predicted_pruned_ms": now,
@@ -582,6 +599,7 @@ def prune_model(
         target=cfg.target,
         macs_speed_up=base_macs / macs,
         layers=kept_layers(model, base_widths, counter.sizes),
+        compensated=len(compensated),
         **predicted,
     )
 
